@@ -1,0 +1,78 @@
+"""Shared fixtures: the reference vectors, a tiny model config, generated demo data, one Ray per session.
+
+Area-specific fixtures live in tests/fixtures_<area>.py and are registered in `pytest_plugins` below.
+"""
+
+import os
+
+# Before anything imports Ray: keep every Ray socket on loopback, no duplicated worker prints.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+REFERENCE_DIR = Path(os.environ.get("DINOMALY_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
+
+pytest_plugins: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    """../shared/reference: vectors from the official code. Required in CI, skipped elsewhere if absent."""
+    if not (REFERENCE_DIR / "vectors.pt").exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"reference vectors missing at {REFERENCE_DIR}")
+        pytest.skip(f"reference vectors not found at {REFERENCE_DIR} (set DINOMALY_REFERENCE_DIR)")
+    return REFERENCE_DIR
+
+
+@pytest.fixture(scope="session")
+def vectors(reference_dir):
+    import torch
+
+    return torch.load(reference_dir / "vectors.pt", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def official_state_dict(reference_dir):
+    import torch
+
+    return torch.load(reference_dir / "official_checkpoint.pth", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def trajectory(reference_dir):
+    import torch
+
+    return torch.load(reference_dir / "trajectory.pt", weights_only=True)
+
+
+def reference_model_config(**overrides):
+    """The reference's tiny model: DINOv2-reg ViT, width 32, 2 heads, 12 blocks, random weights."""
+    from dinomaly.config import DinomalyConfig
+
+    values = dict(encoder="vit_small_patch14_reg4_dinov2", encoder_weights="none",
+                  encoder_kwargs={"embed_dim": 32, "num_heads": 2}, image_size=84, crop_size=84)
+    values.update(overrides)
+    return DinomalyConfig(**values)
+
+
+@pytest.fixture
+def tiny_model_config():
+    return reference_model_config()
+
+
+@pytest.fixture(scope="session")
+def reference_model(official_state_dict):
+    """The reference tiny model with official_checkpoint.pth loaded strictly, in eval mode."""
+    from dinomaly.checkpoint import load_official
+
+    model = load_official(official_state_dict, config=reference_model_config())
+    return model.eval()
