@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -106,6 +107,10 @@ class DataConfig:
     visa_split_csv: str = doc("VisA raw layout: split csv (split_csv/1cls.csv style)", default="")
     endpoint_url: str = doc("S3-compatible endpoint (MinIO, moto); empty = AWS_ENDPOINT_URL or AWS", default="")
     region: str = doc("S3 region; empty = AWS_DEFAULT_REGION or us-east-1", default="")
+    folder_test_fraction: float = doc("folder layout: fraction of a class's good images (evenly spaced by name) "
+                                      "held out as normal test images when it has defect images", default=0.2)
+    max_image_pixels: int = doc("refuse images with more pixels than this (decompression-bomb guard; 0 = no limit)",
+                                default=89_478_485)
     strict: bool = doc("fail on the first unreadable image instead of skipping and counting it", default=False)
     loader_workers: int = doc("CPU processes decoding images per training worker (local loop)", default=0)
     shuffle: bool = doc("shuffle training images each epoch (False = manifest order, for deterministic runs)",
@@ -114,6 +119,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.loader_workers < 0:
             raise ValueError(f"data.loader_workers={self.loader_workers} must be >= 0")
+        if not 0.0 <= self.folder_test_fraction < 1.0:
+            raise ValueError(f"data.folder_test_fraction={self.folder_test_fraction} must be in [0, 1)")
+        if self.max_image_pixels < 0:
+            raise ValueError(f"data.max_image_pixels={self.max_image_pixels} must be >= 0 (0 = no limit)")
 
 
 @dataclass(kw_only=True)
@@ -145,6 +154,17 @@ class TrainConfig:
     checkpoint_every: int = doc("checkpoint every N steps (0 = only at the end)", default=1000)
     num_workers: int = doc("Ray Train workers (DDP ranks)", default=1)
     use_gpu: bool = doc("one GPU per worker (NCCL); CPU workers use gloo", default=False)
+    cpus_per_worker: float = doc("CPUs each Ray Train worker reserves (0 = auto: 1, or less when Ray Data needs "
+                                 "a CPU left free to read images)", default=0.0)
+    data_source: Literal["ray_data", "local"] = doc(
+        "'ray_data' = Ray Data shards streamed to the workers; 'local' = every worker reads its slice of each "
+        "global batch from the manifest itself (exact manifest order, resumable mid-epoch)", default="ray_data")
+    deterministic: bool = doc("deterministic mode: manifest order (data.shuffle false, local reader), bottleneck "
+                              "dropout 0, fixed seeds, deterministic torch kernels; the same on any worker count",
+                              default=False)
+    max_failures: int = doc("times a run restarts from its latest checkpoint after a worker or node dies",
+                            default=3)
+    keep_checkpoints: int = doc("checkpoints kept on storage (the latest K; 0 = keep all)", default=2)
 
     def __post_init__(self) -> None:
         for name in ("total_steps", "batch_size", "num_workers"):
@@ -160,6 +180,12 @@ class TrainConfig:
             raise ValueError(f"train.hard_mining_final_p={self.hard_mining_final_p} must be in [0, 1)")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"train.betas={self.betas} must be two numbers in [0, 1)")
+        if self.max_failures < 0 or self.keep_checkpoints < 0 or self.cpus_per_worker < 0:
+            raise ValueError(f"train.max_failures={self.max_failures}, train.keep_checkpoints="
+                             f"{self.keep_checkpoints} and train.cpus_per_worker={self.cpus_per_worker} must be >= 0")
+        for name in ("log_every", "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name}={getattr(self, name)} must be >= 0")
         if self.lr <= 0 or self.final_lr < 0:
             raise ValueError(f"train.lr={self.lr} must be > 0 and train.final_lr={self.final_lr} >= 0")
 
@@ -176,8 +202,20 @@ class EvalConfig:
     aupro: Literal["reference", "exact"] = doc(
         "'reference' = 200 thresholds, FPR<0.3 rescaled by the largest kept FPR; 'exact' = full curve to 0.3",
         default="reference")
+    pixel_metrics: Literal["exact", "streaming"] = doc(
+        "'exact' keeps every normal-pixel score of a class until its metrics are computed (the reference numbers; "
+        "memory grows with the class size); 'streaming' keeps them as counts of values rounded to 20 mantissa "
+        "bits (memory bounded whatever the test-set size; pixel metrics move by about 1e-6)", default="exact")
+    actors: int = doc("model actors scoring in parallel in evaluate/predict (Ray Data ActorPoolStrategy size)",
+                      default=1)
+    cpus_per_actor: float = doc("CPUs each model actor reserves (also its torch thread count, rounded up)",
+                                default=1.0)
+    gpus_per_actor: float = doc("GPUs each model actor reserves (> 0 runs the model on CUDA)", default=0.0)
 
     def __post_init__(self) -> None:
+        if self.actors < 1 or self.cpus_per_actor <= 0 or self.gpus_per_actor < 0:
+            raise ValueError(f"eval.actors={self.actors} must be >= 1, eval.cpus_per_actor={self.cpus_per_actor} "
+                             f"> 0 and eval.gpus_per_actor={self.gpus_per_actor} >= 0")
         if self.blur_kernel < 1 or self.blur_kernel % 2 == 0:
             raise ValueError(f"eval.blur_kernel={self.blur_kernel} must be a positive odd number")
         if not 0.0 < self.max_ratio <= 1.0:
@@ -196,11 +234,75 @@ class TrackingConfig:
     registered_model_name: str = doc("name in the MLflow Model Registry (empty = do not register)",
                                      default="dinomaly")
     enabled: bool = doc("log to MLflow at all", default=True)
+    heatmap_images: int = doc("normal and defective test images (each) in the heatmap-overlay grid artifact",
+                              default=4)
+    normal_quantile: float = doc("quantile of the normal test images' scores stored as the threshold for "
+                                 "unlabelled data (next to the F1-optimal one)", default=0.99)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.normal_quantile <= 1.0:
+            raise ValueError(f"tracking.normal_quantile={self.normal_quantile} must be in (0, 1]")
+        if self.heatmap_images < 0:
+            raise ValueError(f"tracking.heatmap_images={self.heatmap_images} must be >= 0")
+
+
+@dataclass(kw_only=True)
+class ServeConfig:
+    """The HTTP scoring service (Ray Serve): network, batching, replicas, input limits, auth."""
+
+    host: str = doc("address the HTTP proxy binds; 127.0.0.1 = this machine only (set 0.0.0.0 deliberately)",
+                    default="127.0.0.1")
+    port: int = doc("HTTP port", default=8000)
+    route_prefix: str = doc("URL prefix of the app ('/' = the page at /, the API at /v1/...)", default="/")
+    max_batch_size: int = doc("most images one model forward scores together (dynamic batching)", default=8)
+    batch_wait_timeout_s: float = doc("longest wait for a batch to fill before scoring what has arrived",
+                                      default=0.005)
+    num_replicas: int = doc("model replicas (the minimum when max_replicas > num_replicas)", default=1)
+    max_replicas: int = doc("autoscale between num_replicas and this many replicas (0 = fixed num_replicas)",
+                            default=0)
+    max_ongoing_requests: int = doc("requests one replica handles at once (>= max_batch_size so batches can fill)",
+                                    default=32)
+    num_cpus: float = doc("CPUs reserved per replica (also its torch thread count, rounded up)", default=1.0)
+    num_gpus: float = doc("GPUs per replica (> 0 runs the model on CUDA)", default=0.0)
+    max_image_bytes: int = doc("largest accepted image file in bytes (larger: HTTP 413)", default=20 * 1024 * 1024)
+    max_image_pixels: int = doc("largest accepted width*height (decompression-bomb guard; larger: HTTP 413)",
+                                default=50_000_000)
+    max_batch_images: int = doc("most images in one /v1/predict/batch request (more: HTTP 413)", default=32)
+    threshold: float | None = doc("image-score threshold of the verdict; null = from the checkpoint or registry "
+                                  "metadata (F1-optimal or normal-quantile, written by training)", default=None)
+    threshold_method: Literal["image_f1_optimal", "image_normal_quantile"] = doc(
+        "which training threshold to serve: F1-optimal on the test split, or a quantile of normal scores "
+        "(for data without defect labels)", default="image_f1_optimal")
+    auth_token_env: str = doc("name of an environment variable holding a bearer token (empty = not used)",
+                              default="")
+    auth_token_file: str = doc("file holding a bearer token (empty = not used); with neither, no auth", default="")
+
+    def __post_init__(self) -> None:
+        for name in ("port", "max_batch_size", "num_replicas", "max_ongoing_requests", "max_image_bytes",
+                     "max_image_pixels", "max_batch_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"serve.{name}={getattr(self, name)} must be at least 1")
+        if self.port > 65535:
+            raise ValueError(f"serve.port={self.port} must be a TCP port (1-65535)")
+        if self.batch_wait_timeout_s < 0:
+            raise ValueError(f"serve.batch_wait_timeout_s={self.batch_wait_timeout_s} must be >= 0")
+        if self.max_replicas and self.max_replicas < self.num_replicas:
+            raise ValueError(f"serve.max_replicas={self.max_replicas} is below serve.num_replicas="
+                             f"{self.num_replicas}; use 0 for a fixed count or a larger maximum")
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"serve.max_ongoing_requests={self.max_ongoing_requests} is below serve.max_batch_size="
+                             f"{self.max_batch_size}; a batch could never fill, raise max_ongoing_requests")
+        if self.num_cpus <= 0 or self.num_gpus < 0:
+            raise ValueError(f"serve.num_cpus={self.num_cpus} must be > 0 and serve.num_gpus={self.num_gpus} >= 0")
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise ValueError(f"serve.threshold={self.threshold} must be a finite number or null")
+        if not self.route_prefix.startswith("/"):
+            raise ValueError(f"serve.route_prefix={self.route_prefix!r} must start with '/', e.g. '/' or '/dinomaly'")
 
 
 @dataclass(kw_only=True)
 class Config:
-    """A whole run: model, data, training, evaluation and tracking."""
+    """A whole run: model, data, training, evaluation, tracking and serving."""
 
     name: str = doc("run name (folder under output_root, MLflow run name)", default="dinomaly")
     output_root: str = doc("folder (or s3:// prefix) for run outputs and checkpoints", default="runs")
@@ -209,6 +311,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 # --------------------------------------------------------------------------- building and overriding
