@@ -1,0 +1,277 @@
+"""The Ray Data pipeline (dinomaly.distributed.datasets) on a real local Ray cluster and a real S3 server.
+
+Structural-error tests come first and do not start Ray: they prove the checks run on the driver
+before any cluster work. The rest share the session's `ray_session` and `moto_s3`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import ray
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from dinomaly.config import Config, apply_overrides
+from dinomaly.data.layouts import read_layout
+from dinomaly.data.manifest import MANIFEST_SCHEMA, build_manifest, write_manifest
+from dinomaly.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from dinomaly.distributed.datasets import (
+    ErrorCounter,
+    count_errors,
+    eval_dataset,
+    eval_datasets,
+    iter_eval_batches,
+    iter_train_batches,
+    train_dataset,
+)
+
+CLASSES = ["weave", "nut"]
+
+
+def small_config(**overrides) -> Config:
+    values = {"model.image_size": 32, "model.crop_size": 28}
+    values.update(overrides)
+    return apply_overrides(Config(), values)
+
+
+@pytest.fixture(scope="module")
+def dataset_root(tmp_path_factory):
+    """Demo data, 2 classes: 6 train, 2 good + 2 defective test images each, 32 px."""
+    from dinomaly.data.demo import generate_demo_dataset
+
+    return generate_demo_dataset(tmp_path_factory.mktemp("ingest") / "demo", classes=CLASSES, train_per_class=6,
+                                 test_good_per_class=2, test_defect_per_class=2, size=32)
+
+
+@pytest.fixture(scope="module")
+def local_manifest(dataset_root):
+    return build_manifest(read_layout(str(dataset_root)))
+
+
+@pytest.fixture(scope="module")
+def s3_manifest(dataset_root, moto_s3):
+    return build_manifest(read_layout(moto_s3.upload(dataset_root, "ingest/demo")))
+
+
+def rows(dataset) -> list[dict]:
+    """Every row of a dataset, in the order it streams."""
+    return [dict(zip(batch, values)) for batch in dataset.iter_batches(batch_size=4, batch_format="numpy")
+            for values in zip(*batch.values())]
+
+
+def uris(dataset) -> list[str]:
+    return [u for batch in dataset.iter_batches(batch_size=8, batch_format="numpy") for u in batch["image_uri"]]
+
+
+# --------------------------------------------------------------------------- structural errors, before Ray
+
+
+def _assert_no_ray_work(ray_was_up: bool) -> None:
+    if not ray_was_up:  # nothing above may have started (or auto-started) a cluster
+        assert not ray.is_initialized()
+
+
+def test_missing_manifest_fails_on_the_driver(tmp_path):
+    ray_was_up = ray.is_initialized()
+    with pytest.raises(FileNotFoundError, match="prepare_data.py"):
+        train_dataset(str(tmp_path / "absent.parquet"), small_config())
+    _assert_no_ray_work(ray_was_up)
+
+
+def test_unknown_category_and_empty_class_fail_on_the_driver(local_manifest):
+    ray_was_up = ray.is_initialized()
+    with pytest.raises(ValueError, match=r"\['toaster'\] are not in the manifest"):
+        train_dataset(local_manifest, small_config(**{"data.categories": ["weave", "toaster"]}))
+    no_nut_training = local_manifest.filter(
+        pa.compute.invert(pa.compute.and_(pa.compute.equal(local_manifest.column("category"), "nut"),
+                                          pa.compute.equal(local_manifest.column("split"), "train"))))
+    with pytest.raises(ValueError, match=r"classes \['nut'\] have no train images"):
+        train_dataset(no_nut_training, small_config())
+    _assert_no_ray_work(ray_was_up)
+
+
+def test_missing_root_fails_on_the_driver(dataset_root, tmp_path):
+    ray_was_up = ray.is_initialized()
+    moved = shutil.copytree(dataset_root, tmp_path / "copy")
+    manifest = build_manifest(read_layout(str(moved)))
+    shutil.rmtree(moved)
+    with pytest.raises(FileNotFoundError, match=str(moved)):
+        eval_datasets(manifest, small_config())
+    _assert_no_ray_work(ray_was_up)
+
+
+def test_missing_bucket_and_rejected_credentials_fail_on_the_driver(s3_manifest, moto_s3):
+    ray_was_up = ray.is_initialized()
+    elsewhere = s3_manifest.set_column(0, "image_uri", pa.array(
+        [u.replace(f"s3://{moto_s3.bucket}/", "s3://missing-bucket/") for u in s3_manifest.column(0).to_pylist()]))
+    with pytest.raises(FileNotFoundError, match="bucket s3://missing-bucket"):
+        train_dataset(elsewhere, small_config())
+    moto_s3.set_auth(True)
+    try:
+        with pytest.raises(PermissionError, match="denied"):
+            train_dataset(s3_manifest, small_config())
+    finally:
+        moto_s3.set_auth(False)
+    _assert_no_ray_work(ray_was_up)
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+def test_local_and_s3_give_identical_batches(ray_session, local_manifest, s3_manifest, dataset_root, moto_s3):
+    config = small_config()
+    local, remote = rows(eval_dataset(local_manifest, config)), rows(eval_dataset(s3_manifest, config))
+    assert len(local) == len(remote) == 2 * 4
+    for a, b in zip(local, remote):
+        assert a["image_uri"].removeprefix(str(dataset_root)) == b["image_uri"].removeprefix(moto_s3.uri("ingest/demo"))
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["mask"], b["mask"])
+        assert (a["label"], a["category"], a["has_mask"]) == (b["label"], b["category"], b["has_mask"])
+    # training (shuffled: Ray streams blocks in completion order) gives the same image for every file
+    local_train, remote_train = ({r["image_uri"].split("/demo/")[1]: r["image"] for r in rows(train_dataset(m, config))}
+                                 for m in (local_manifest, s3_manifest))
+    assert sorted(local_train) == sorted(remote_train) and len(local_train) == 12
+    for name, image in local_train.items():
+        np.testing.assert_array_equal(image, remote_train[name])
+
+
+def _odd_images(folder) -> list[dict]:
+    """Images in every mode the reference meets (RGB JPEG, L, RGBA, P, 16-bit) + masks of another size."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (300, 340, 3), dtype=np.uint8)
+    images = {"rgb.jpg": Image.fromarray(rgb), "gray.png": Image.fromarray(rgb[..., 0]),
+              "rgba.png": Image.fromarray(np.dstack([rgb, rgb[..., :1]]), "RGBA"),
+              "palette.png": Image.fromarray(rgb).convert("P"),
+              "deep.png": Image.fromarray(rng.integers(0, 400, (300, 340)).astype(np.uint16))}
+    mask = np.zeros((600, 500), np.uint8)
+    mask[100:350, 120:300] = 255
+    records = []
+    for i, (name, image) in enumerate(images.items()):
+        image.save(folder / name)
+        mask_uri = None
+        if i % 2 == 0:
+            Image.fromarray(mask).save(folder / f"{name}_mask.png")
+            mask_uri = str(folder / f"{name}_mask.png")
+        records.append(dict(image_uri=str(folder / name), mask_uri=mask_uri, label=int(mask_uri is not None),
+                            category="modes", defect="x" if mask_uri else "good", split="test", sample_id=None,
+                            view=None, size_bytes=(folder / name).stat().st_size))
+    return records
+
+
+def test_pipeline_matches_the_reference_transforms(ray_session, tmp_path):
+    """Pipeline output, normalised on the trainer, vs torchvision on PIL (the reference composition)."""
+    records = _odd_images(tmp_path)
+    config = apply_overrides(Config(), {"model.image_size": 448, "model.crop_size": 392})
+    image_ref = T.Compose([T.Resize((448, 448)), T.ToTensor(), T.CenterCrop(392), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    mask_ref = T.Compose([T.Resize((448, 448)), T.CenterCrop(392), T.ToTensor()])
+    manifest = pa.Table.from_pylist(records, schema=MANIFEST_SCHEMA)
+    (batch,) = iter_eval_batches(eval_dataset(manifest, config), batch_size=len(records))
+    assert batch["image_uris"] == [r["image_uri"] for r in records]
+    expected = torch.stack([image_ref(Image.open(r["image_uri"]).convert("RGB")) for r in records])
+    image_diff = (batch["images"] - expected).abs().max().item()
+    assert image_diff == 0.0, f"max abs diff {image_diff}"
+    for got, record in zip(batch["masks"], records):
+        want = mask_ref(Image.open(record["mask_uri"])) if record["mask_uri"] else torch.zeros(1, 392, 392)
+        assert (got - want).abs().max().item() == 0.0
+    assert batch["has_mask"].tolist() == [r["mask_uri"] is not None for r in records]
+
+
+def test_streaming_split_gives_disjoint_covering_shards_reshuffled_each_epoch(ray_session, local_manifest):
+    dataset = train_dataset(local_manifest, small_config())
+    shards = dataset.streaming_split(2, equal=True)
+    seen: dict[int, list[list[str]]] = {0: [], 1: []}
+
+    def consume(rank: int) -> None:  # each consumer iterates its shard for two epochs, like a Train worker
+        for _ in range(2):
+            seen[rank].append(uris(shards[rank]))
+
+    threads = [threading.Thread(target=consume, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    train_uris = sorted(local_manifest.filter(pa.compute.equal(local_manifest.column("split"), "train"))
+                        .column("image_uri").to_pylist())
+    for epoch in (0, 1):
+        first, second = seen[0][epoch], seen[1][epoch]
+        assert len(first) == len(second) == len(train_uris) // 2
+        assert not set(first) & set(second)
+        assert sorted(first + second) == train_uris
+    assert seen[0][0] + seen[1][0] != seen[0][1] + seen[1][1], "the second epoch repeated the first order"
+
+
+def test_iter_train_batches_yields_normalised_full_batches(ray_session, local_manifest):
+    config = small_config(**{"data.shuffle": False})
+    dataset = train_dataset(local_manifest, config)
+    batches = list(iter_train_batches(dataset, batch_size=5, max_epochs=2))
+    assert len(batches) == 2 * (12 // 5)  # the partial batch of each epoch is dropped
+    assert all(b.shape == (5, 3, 28, 28) and b.dtype == torch.float32 for b in batches)
+    torch.testing.assert_close(batches[0], batches[2], rtol=0, atol=0)  # shuffle off: manifest order repeats
+    train_rows = local_manifest.filter(pa.compute.equal(local_manifest.column("split"), "train"))
+    assert uris(dataset) == train_rows.column("image_uri").to_pylist()
+
+
+def test_evaluation_order_is_stable(ray_session, local_manifest):
+    per_class = eval_datasets(local_manifest, small_config())
+    assert list(per_class) == list(dict.fromkeys(local_manifest.column("category").to_pylist()))
+    test_rows = local_manifest.filter(pa.compute.equal(local_manifest.column("split"), "test"))
+    for category, dataset in per_class.items():
+        expected = [u for u, c in zip(test_rows.column("image_uri").to_pylist(), test_rows.column("category").to_pylist())
+                    if c == category]
+        assert uris(dataset) == uris(dataset) == expected
+
+
+def _corrupt(root, manifest) -> list[str]:
+    """Break three training images (zero-byte, truncated, not an image) and one anomalous test mask."""
+    train = [u for u, s in zip(manifest.column("image_uri").to_pylist(), manifest.column("split").to_pylist())
+             if s == "train"]
+    masked = [(u, m) for u, m in zip(manifest.column("image_uri").to_pylist(), manifest.column("mask_uri").to_pylist())
+              if m is not None]
+    with open(train[0], "wb"):
+        pass
+    data = open(train[1], "rb").read()
+    open(train[1], "wb").write(data[: len(data) // 2])
+    open(train[2], "w").write("this is not an image")
+    open(masked[0][1], "wb").write(b"\x89PNG\r\n\x1a\n broken")
+    return train[:3] + [masked[0][0]]
+
+
+def test_corrupt_files_are_skipped_logged_and_counted(ray_session, dataset_root, tmp_path):
+    root = shutil.copytree(dataset_root, tmp_path / "broken")
+    manifest = build_manifest(read_layout(str(root)))
+    bad = _corrupt(root, manifest)
+    errors = ErrorCounter()
+    train = train_dataset(manifest, small_config(), errors=errors)
+    assert len(uris(train)) == 12 - 3
+    per_class = eval_datasets(manifest, small_config(), errors=errors)
+    test_rows = [r for dataset in per_class.values() for r in rows(dataset)]
+    assert len(test_rows) == 8 - 1 and bad[3] not in [r["image_uri"] for r in test_rows]  # never a wrong label
+    summary = count_errors(train)
+    assert summary["data_errors"] == 4
+    assert sorted(uri for uri, _ in summary["error_files"]) == sorted(bad)
+    reasons = dict(summary["error_files"])
+    assert "empty file" in reasons[bad[0]] and "cannot decode" in reasons[bad[2]]
+
+
+def test_strict_mode_fails_on_the_first_corrupt_file(ray_session, dataset_root, tmp_path):
+    root = shutil.copytree(dataset_root, tmp_path / "broken")
+    manifest = build_manifest(read_layout(str(root)))
+    bad = _corrupt(root, manifest)
+    dataset = train_dataset(manifest, small_config(**{"data.strict": True, "data.shuffle": False}))
+    with pytest.raises(Exception, match="data.strict") as info:
+        uris(dataset)
+    assert any(uri in str(info.value) for uri in bad[:3])  # blocks run in parallel: any bad training file
+
+
+def test_manifest_uri_on_s3_is_read(ray_session, s3_manifest, moto_s3):
+    uri = write_manifest(s3_manifest, moto_s3.uri("ingest/manifest.parquet"))
+    dataset = eval_dataset(uri, small_config(**{"data.categories": ["nut"]}), category="nut")
+    assert [u.split("/demo/")[1] for u in uris(dataset)] == [
+        u.split("/demo/")[1] for u, s, c in zip(*(s3_manifest.column(n).to_pylist() for n in ("image_uri", "split", "category")))
+        if s == "test" and c == "nut"]
