@@ -205,7 +205,7 @@ class EvalConfig:
     pixel_metrics: Literal["exact", "streaming"] = doc(
         "'exact' keeps every normal-pixel score of a class until its metrics are computed (the reference numbers; "
         "memory grows with the class size); 'streaming' keeps them as counts of values rounded to 20 mantissa "
-        "bits (memory bounded whatever the test-set size; pixel metrics move by about 1e-6)", default="exact")
+        "bits (their memory stops growing with the test set; pixel metrics move by about 1e-6)", default="exact")
     actors: int = doc("model actors scoring in parallel in evaluate/predict (Ray Data ActorPoolStrategy size)",
                       default=1)
     cpus_per_actor: float = doc("CPUs each model actor reserves (also its torch thread count, rounded up)",
@@ -300,9 +300,117 @@ class ServeConfig:
             raise ValueError(f"serve.route_prefix={self.route_prefix!r} must start with '/', e.g. '/' or '/dinomaly'")
 
 
+def default_search_space() -> dict[str, Any]:
+    """The issue's default: bottleneck dropout in [0, 0.6] and the four layer groupings of 8 target layers."""
+    return {
+        "model.bottleneck_dropout": "uniform(0.0, 0.6)",
+        "model.fuse_groups": "choice([[0, 1, 2, 3, 4, 5, 6, 7]], [[0, 1, 2, 3], [4, 5, 6, 7]], "
+                             "[[0, 1], [2, 3], [4, 5], [6, 7]], [[0], [1], [2], [3], [4], [5], [6], [7]])",
+    }
+
+
+SEARCH_KINDS = ("uniform", "loguniform", "randint", "choice", "grid")
+_SPEC = re.compile(r"\s*(?P<kind>[a-z]+)\s*\((?P<args>.*)\)\s*", re.DOTALL)
+
+
+def parse_search_spec(key: str, spec: Any) -> tuple[str, list[Any]]:
+    """'uniform(0, 0.6)' -> ('uniform', [0, 0.6]); a plain value v -> ('constant', [v]).
+
+    Arguments are read as one YAML flow list, so choice() takes lists and mappings: choice([[0, 1]], [[0], [1]]).
+    """
+    match = _SPEC.fullmatch(spec) if isinstance(spec, str) else None
+    if match is None or match["kind"] not in SEARCH_KINDS:
+        if isinstance(spec, str) and re.fullmatch(r"\s*[a-z_]+\s*\(.*", spec, re.DOTALL):
+            raise ValueError(f"tune.search_space[{key!r}]={spec!r}: unknown or malformed search kind; use one of "
+                             f"{', '.join(k + '(...)' for k in SEARCH_KINDS)}")
+        return "constant", [spec]
+    try:
+        args = yaml.safe_load(f"[{match['args']}]")
+    except yaml.YAMLError as err:
+        raise ValueError(f"tune.search_space[{key!r}]={spec!r}: the arguments are not a YAML list ({err})") from err
+    kind = match["kind"]
+    args = [float(a) if isinstance(a, str) and _FLOAT.fullmatch(a) else a for a in args]  # YAML 1.1: 1e-4 is a str
+    if kind in ("uniform", "loguniform", "randint"):
+        if len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+            raise ValueError(f"tune.search_space[{key!r}]={spec!r}: {kind} takes two numbers (low, high)")
+        if not args[0] < args[1] or (kind == "loguniform" and args[0] <= 0):
+            raise ValueError(f"tune.search_space[{key!r}]={spec!r}: need low < high (and low > 0 for loguniform)")
+    elif not args:
+        raise ValueError(f"tune.search_space[{key!r}]={spec!r}: {kind} needs at least one value")
+    return kind, args
+
+
+@dataclass(kw_only=True)
+class TuneConfig:
+    """Hyper-parameter search (Ray Tune): every trial is a Ray Train run of this config with sampled values.
+
+    A trial's Train workers are train.num_workers x train.cpus_per_worker CPUs (one GPU each with
+    train.use_gpu) plus tune.driver_cpus for the trial's driver function.
+    """
+
+    search_space: dict[str, Any] = doc(
+        "dotted config key -> uniform(lo, hi) | loguniform(lo, hi) | randint(lo, hi) (hi excluded) | "
+        "choice(v1, v2, ...) | grid(v1, v2, ...) | a plain value; values are YAML, and a mapping value sets "
+        "several keys of that section together, e.g. model: choice({decoder_depth: 4, target_layers: "
+        "[6, 7, 8, 9], fuse_groups: [[0, 1], [2, 3]]}, ...)", default_factory=default_search_space)
+    num_samples: int = doc("trials to sample (with grid values: repeats of the whole grid)", default=8)
+    search_algorithm: Literal["random", "grid", "optuna"] = doc(
+        "'random' samples every spec; 'grid' runs every combination of choice()/grid() values (ranges are "
+        "still sampled); 'optuna' = Optuna's TPE sampler (pip install optuna)", default="random")
+    objective: Literal["auto", "labelled", "holdout_loss"] = doc(
+        "'labelled' = mean of tune.metrics on the labelled test split (maximised); 'holdout_loss' = "
+        "reconstruction loss on held-out normal training images (minimised, for data without defects); "
+        "'auto' = labelled when the test split has defective images", default="auto")
+    metrics: list[str] = doc("evaluation metrics averaged into the labelled objective (means over classes)",
+                             default_factory=lambda: ["image_auroc", "pixel_aupro"])
+    holdout_fraction: float = doc("holdout_loss objective: fraction of each class's training images (evenly "
+                                  "spaced) held out of training in every trial", default=0.1)
+    evaluations: int = doc("evaluation points per trial, evenly spaced over train.total_steps; ASHA counts "
+                           "its rungs in them", default=4)
+    scheduler: Literal["asha", "fifo"] = doc("'asha' stops trials that fall behind at a rung; 'fifo' runs "
+                                             "every trial to the end", default="asha")
+    grace_period: int = doc("ASHA: evaluations every trial gets before it can be stopped", default=1)
+    reduction_factor: int = doc("ASHA: keep the best 1/reduction_factor of trials at each rung", default=2)
+    max_concurrent_trials: int = doc("trials running at once (0 = as many as the cluster's CPUs/GPUs fit)",
+                                     default=0)
+    driver_cpus: float = doc("CPUs reserved for each trial's driver function (it only waits on its workers)",
+                             default=0.1)
+    feature_cache: bool = doc("compute the frozen encoder's features of every training image once and let all "
+                              "trials read them (exactly the same training, less encoder work)", default=True)
+    cache_root: str = doc("folder (or s3:// prefix) of feature caches; empty = <output_root>/feature_cache",
+                          default="")
+    max_loss: float = doc("a trial fails as diverged when its training loss exceeds this (0 = only when the "
+                          "loss or gradient norm is NaN/inf)", default=0.0)
+    champion_alias: str = doc("registry alias moved to the best trial's version when it beats the current "
+                              "holder's stored objective (empty = register without aliasing)", default="champion")
+
+    def __post_init__(self) -> None:
+        for name in ("num_samples", "evaluations", "grace_period"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"tune.{name}={getattr(self, name)} must be at least 1")
+        if self.reduction_factor < 2:
+            raise ValueError(f"tune.reduction_factor={self.reduction_factor} must be at least 2")
+        if self.grace_period > self.evaluations:
+            raise ValueError(f"tune.grace_period={self.grace_period} is more than tune.evaluations="
+                             f"{self.evaluations}; ASHA could never stop a trial")
+        if self.max_concurrent_trials < 0 or self.driver_cpus <= 0 or self.max_loss < 0:
+            raise ValueError(f"tune.max_concurrent_trials={self.max_concurrent_trials} must be >= 0, "
+                             f"tune.driver_cpus={self.driver_cpus} > 0 (Tune rejects 0) and "
+                             f"tune.max_loss={self.max_loss} >= 0")
+        if not 0.0 < self.holdout_fraction < 1.0:
+            raise ValueError(f"tune.holdout_fraction={self.holdout_fraction} must be in (0, 1)")
+        if not self.metrics:
+            raise ValueError("tune.metrics is empty; name at least one, e.g. [image_auroc, pixel_aupro]")
+        if not self.search_space:
+            raise ValueError("tune.search_space is empty; give at least one key, e.g. "
+                             "model.bottleneck_dropout: uniform(0.0, 0.6)")
+        for key, spec in self.search_space.items():
+            parse_search_spec(key, spec)
+
+
 @dataclass(kw_only=True)
 class Config:
-    """A whole run: model, data, training, evaluation, tracking and serving."""
+    """A whole run: model, data, training, evaluation, tracking, serving and tuning."""
 
     name: str = doc("run name (folder under output_root, MLflow run name)", default="dinomaly")
     output_root: str = doc("folder (or s3:// prefix) for run outputs and checkpoints", default="runs")
@@ -312,6 +420,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
 
 # --------------------------------------------------------------------------- building and overriding

@@ -20,7 +20,7 @@ import pytest  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE_DIR = Path(os.environ.get("DINOMALY_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
 
-pytest_plugins: list[str] = ["fixtures_data"]
+pytest_plugins: list[str] = ["fixtures_data", "fixtures_s3", "fixtures_ray", "fixtures_serving", "fixtures_mlflow"]
 
 
 @pytest.fixture(scope="session")

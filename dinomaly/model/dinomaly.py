@@ -5,6 +5,8 @@ Reference: models/uad.py ViTill @c5c76d0 (spec section 1).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -53,6 +55,23 @@ class Dinomaly(nn.Module):
                              f"{height}x{width}; resize or crop to model.crop_size x model.crop_size")
         with torch.no_grad():
             encoded = self.encoder(images)  # per target layer [B, N, D], prefix tokens first
+        return self.forward_from_encoder(encoded)
+
+    def forward_from_encoder(self, encoded: list[torch.Tensor] | torch.Tensor
+                             ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """`forward` after the frozen encoder: encoded = its target-layer outputs, a list of [B, N, D] or a
+        stacked [B, L, N, D] (a feature cache, dinomaly.features), N = prefix + side * side tokens."""
+        if isinstance(encoded, torch.Tensor):
+            encoded = list(encoded.unbind(1))
+        if len(encoded) != len(self.config.target_layers):
+            raise ValueError(f"got features of {len(encoded)} encoder layers, model.target_layers has "
+                             f"{len(self.config.target_layers)}; rebuild the feature cache for this model")
+        prefix = self.encoder.num_prefix_tokens
+        side = math.isqrt(encoded[0].shape[1] - prefix)
+        if side * side != encoded[0].shape[1] - prefix:
+            raise ValueError(f"encoder features have {encoded[0].shape[1]} tokens, not {prefix} prefix tokens + a "
+                             "square grid; pass the encoder's own [B, N, D] outputs")
+        with torch.no_grad():
             x = fuse(encoded)  # reference: cls and register tokens are fused and decoded too
         for block in self.bottleneck:
             x = block(x)
@@ -61,8 +80,6 @@ class Dinomaly(nn.Module):
             x = block(x)
             decoded.append(x)
         decoded.reverse()
-        side = height // self.encoder.patch_size
-        prefix = self.encoder.num_prefix_tokens
         groups = self.config.fuse_groups
         # drop prefix tokens before the group mean (same numbers, less work), then [B, N, D] -> [B, D, h, w]
         enc = [self._to_map(fuse([encoded[i][:, prefix:] for i in group]), side) for group in groups]

@@ -1,0 +1,276 @@
+"""Ray Data batch inference shared by `pipelines/evaluate.py` and `pipelines/predict.py`.
+
+    rows (uri [, mask_uri, label, category])            one Arrow block per `rows_per_block` rows
+      --read_rows (tasks)-->  uint8 crop, original size, 256 mask, error   (decode never raises: a bad
+                                                                             file becomes an error row)
+      --ModelScorer (actor pool, CPU or GPU)-->  score, final map, peak location [, heatmap PNG]
+      --> the driver (streamed: metrics per class, or Parquet parts)
+
+The model travels once through the object store as a state dict and is rebuilt in every actor, so the
+same code scores a local checkpoint, a registry version or official weights on any node. Scoring is
+`dinomaly.inference.Predictor` (no second implementation); every input row gives exactly one output row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from dinomaly.checkpoint import load, load_official
+from dinomaly.config import Config, DinomalyConfig, apply_overrides, load_config
+from dinomaly.data.storage import StorageOptions, filesystem_for, read_bytes, split_uri
+from dinomaly.data.transforms import (
+    CorruptImageError,
+    decode_image,
+    decode_mask,
+    mask_to_tensor,
+    normalize,
+    resize_crop_image,
+    resize_crop_mask,
+)
+from dinomaly.heatmap import overlay_png, peak_location
+from dinomaly.inference import Predictor, resize_masks
+
+logger = logging.getLogger(__name__)
+
+OFFICIAL_SUFFIXES = (".pth", ".pt", ".safetensors")
+# What read_rows turns into an error row instead of failing the run (missing file, bad bytes, denied access).
+_READ_ERRORS = (CorruptImageError, OSError)
+
+
+# --------------------------------------------------------------------------- the model
+
+
+@dataclass
+class ModelBundle:
+    """A model ready to ship to actors: its config, weights, and what the registry/metadata say about it."""
+
+    config: Config
+    state_dict: dict[str, torch.Tensor]
+    source: str
+    name: str = ""
+    version: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def _as_config(saved: Config | DinomalyConfig) -> Config:
+    return saved if isinstance(saved, Config) else Config(model=saved)
+
+
+def load_bundle(model: str, preset: str | None = None, overrides: list[str] | None = None) -> ModelBundle:
+    """`--model` -> ModelBundle: a checkpoint dir / s3:// prefix / models:/name@alias, or official weights.
+
+    Official weights (.pth/.pt/.safetensors of the reference's ViTill) need `preset` for the architecture
+    (e.g. mvtec_uni: ViT-B, 448 -> 392). For a checkpoint the model section always comes from the checkpoint;
+    the other sections come from `preset` when given, else from the checkpoint; `overrides` go on top.
+    """
+    overrides = list(overrides or [])
+    if Path(model).suffix.lower() in OFFICIAL_SUFFIXES:
+        if not preset:
+            raise ValueError(f"{model} looks like official Dinomaly weights; pass --config with the preset that "
+                             "describes their architecture (e.g. --config mvtec_uni for the released ViT-B "
+                             "448->392 weights)")
+        if not Path(model).is_file():
+            raise FileNotFoundError(f"official weights {model} not found; download them (README) or fix the path")
+        config = load_config(preset, overrides)
+        weights = load_official(model, config.model).eval().state_dict()
+        return ModelBundle(config=config, state_dict=weights, source=str(model), name=Path(model).stem,
+                           version="official")
+    from dinomaly.distributed.model_source import resolve_model
+
+    base = load_config(preset, overrides)  # tracking.* and data.* here say where registries and buckets are
+    resolved = resolve_model(model, base)
+    try:
+        loaded = load(resolved.directory)
+    finally:
+        resolved.cleanup()
+    saved = _as_config(loaded.config)
+    config = replace(base if preset else saved, model=saved.model)
+    config = apply_overrides(config, overrides) if overrides else config
+    return ModelBundle(config=config, state_dict=loaded.model.state_dict(), source=resolved.source,
+                       name=resolved.name or saved.name, version=resolved.version or "local",
+                       metadata=loaded.metadata, tags=resolved.tags)
+
+
+def build_model(model_config: DinomalyConfig, state_dict: dict[str, torch.Tensor], device: str):
+    """The model from a bundle's state dict, strictly, in eval mode on `device`."""
+    from dinomaly.model.dinomaly import Dinomaly
+
+    model = Dinomaly(model_config, load_encoder_weights=False)
+    model.load_state_dict(state_dict, strict=True)
+    return model.to(device).eval()
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class ReadSpec:
+    """How read_rows prepares images: the model's resize/crop, the map size for masks, storage settings."""
+
+    image_size: int
+    crop_size: int
+    map_size: int
+    with_masks: bool
+    storage: StorageOptions
+    max_pixels: int | None
+
+
+def _read_one(uri: str, spec: ReadSpec) -> tuple[np.ndarray, int, int]:
+    image = decode_image(read_bytes(uri, spec.storage), uri, spec.max_pixels)
+    return resize_crop_image(image, spec.image_size, spec.crop_size), image.height, image.width
+
+
+def _read_mask(uri: str | None, spec: ReadSpec) -> np.ndarray:
+    """Mask at the map size, bool [S, S]: the reference's resize/crop, then nearest resize and > 0."""
+    if not uri:
+        return np.zeros((spec.map_size, spec.map_size), dtype=bool)
+    mask = decode_mask(read_bytes(uri, spec.storage), uri, spec.max_pixels)
+    cropped = mask_to_tensor(resize_crop_mask(mask, spec.image_size, spec.crop_size))  # [1, crop, crop]
+    return resize_masks(cropped[None], spec.map_size)[0, 0].numpy()
+
+
+def read_rows(batch: dict[str, np.ndarray], spec: ReadSpec) -> dict[str, np.ndarray]:
+    """Ray Data UDF: rows with `uri` (+ `mask_uri`, `label` when spec.with_masks) -> pixels or an error.
+
+    Adds image uint8 [B, crop, crop, 3], height/width (original size; 0 on error), error ('' = read fine),
+    and mask bool [B, S, S] with spec.with_masks (a normal image's mask is all False, as the reference).
+    """
+    uris = batch["uri"]
+    count = len(uris)
+    images = np.zeros((count, spec.crop_size, spec.crop_size, 3), dtype=np.uint8)
+    heights, widths = np.zeros(count, np.int32), np.zeros(count, np.int32)
+    errors = np.full(count, "", dtype=object)
+    masks = np.zeros((count, spec.map_size, spec.map_size), dtype=bool) if spec.with_masks else None
+    for i, uri in enumerate(uris):
+        try:
+            images[i], heights[i], widths[i] = _read_one(str(uri), spec)
+            if masks is not None and int(batch["label"][i]) == 1:
+                masks[i] = _read_mask(batch["mask_uri"][i], spec)
+        except _READ_ERRORS as err:
+            errors[i] = f"{type(err).__name__}: {err}"
+            logger.warning("unreadable image %s: %s", uri, errors[i])
+    out = {**batch, "image": images, "height": heights, "width": widths, "error": errors}
+    if masks is not None:
+        out["mask"] = masks
+    return out
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    """What ModelScorer returns besides the score: maps, heatmap PNGs (written under heatmap_uri)."""
+
+    keep_maps: bool
+    storage: StorageOptions = field(default_factory=StorageOptions)  # resolved on the driver
+    heatmap_uri: str = ""  # '' = no heatmaps; else a folder / s3:// prefix for <stem>-<hash>.png
+    heatmap_range: tuple[float, float] | None = None  # colour range (vmin, vmax); None = per image
+
+
+def heatmap_name(uri: str) -> str:
+    """A stable, collision-free file name for the heatmap of `uri`: <stem>-<10 hex of sha1(uri)>.png."""
+    stem = PurePosixPath(str(uri)).stem[:80] or "image"
+    return f"{stem}-{hashlib.sha1(str(uri).encode()).hexdigest()[:10]}.png"
+
+
+class ModelScorer:
+    """Ray Data actor: rebuilds the model once, then scores batches with Predictor (CUDA when it has a GPU)."""
+
+    def __init__(self, bundle_ref: list, spec: ScoreSpec):
+        import ray
+
+        bundle: ModelBundle = ray.get(bundle_ref[0])
+        cfg = bundle.config.eval
+        torch.set_num_threads(max(1, math.ceil(cfg.cpus_per_actor)))
+        device = "cuda" if cfg.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
+        model = build_model(bundle.config.model, bundle.state_dict, device)
+        self.predictor = Predictor(model, cfg, device=device)
+        self.model_config, self.spec = bundle.config.model, spec
+        if spec.heatmap_uri and not split_uri(spec.heatmap_uri)[0]:  # a local folder (object stores need none)
+            Path(spec.heatmap_uri).mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = batch["error"] == ""
+        count, size = len(ok), self.predictor.eval_config.resize
+        scores = np.full(count, np.nan, dtype=np.float32)
+        maps = np.zeros((count, size, size), dtype=np.float32)
+        if ok.any():
+            result = self.predictor.predict(normalize(batch["image"][ok]))
+            scores[ok], maps[ok] = result.scores, result.maps
+        out = {k: v for k, v in batch.items() if k != "image"}
+        out["score"] = scores
+        out.update(self._locations(maps, ok, batch["height"], batch["width"]))
+        out["heatmap_uri"] = self._heatmaps(batch["uri"], batch["image"], maps, ok)
+        if self.spec.keep_maps:
+            out["map"] = maps
+        return out
+
+    def _locations(self, maps, ok, heights, widths) -> dict[str, np.ndarray]:
+        cfg = self.model_config
+        rows = np.full((4, len(ok)), np.nan, dtype=np.float32)
+        for i in np.flatnonzero(ok):
+            rows[:, i] = peak_location(maps[i], self.predictor.eval_config.max_ratio, cfg.image_size, cfg.crop_size,
+                                       int(heights[i]), int(widths[i]))
+        return dict(zip(("peak_row", "peak_col", "peak_row_map", "peak_col_map"), rows))
+
+    def _heatmaps(self, uris, images, maps, ok) -> np.ndarray:
+        names = np.full(len(ok), "", dtype=object)
+        if not self.spec.heatmap_uri:
+            return names
+        vmin, vmax = self.spec.heatmap_range or (None, None)
+        for i in np.flatnonzero(ok):
+            target = f"{self.spec.heatmap_uri.rstrip('/')}/{heatmap_name(uris[i])}"
+            fs, path = filesystem_for(target, self.spec.storage)
+            with fs.open_output_stream(path) as stream:
+                stream.write(overlay_png(images[i], maps[i], vmin, vmax))
+            names[i] = target
+        return names
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+def rows_dataset(table: pa.Table, rows_per_block: int):
+    """A Ray Dataset over `table`, in order, cut into blocks so reading runs in parallel."""
+    import ray
+
+    step = max(1, rows_per_block)
+    return ray.data.from_arrow([table.slice(i, step) for i in range(0, max(table.num_rows, 1), step)])
+
+
+def score_rows(table: pa.Table, bundle_ref, config: Config, score_spec: ScoreSpec, with_masks: bool,
+               preserve_order: bool = False):
+    """The lazy Ray Dataset scoring every row of `table` (columns: uri [, mask_uri, label, category]).
+
+    Output columns: the input ones, height, width, error, score (NaN on error), peak_row/peak_col (original
+    image pixels), peak_row_map/peak_col_map (final-map pixels), heatmap_uri [, mask, map].
+    """
+    import ray
+
+    cfg = config.eval
+    spec = ReadSpec(config.model.image_size, config.model.crop_size, cfg.resize, with_masks,
+                    StorageOptions.resolve(config.data), config.data.max_image_pixels or None)
+    dataset = rows_dataset(table, cfg.batch_size)  # a block per batch: every actor gets work early
+    if preserve_order:
+        dataset.context.execution_options.preserve_order = True
+    # CPU actors: the same resources make Ray Data fuse reading into the actors (no extra CPUs needed, no
+    # object-store hop); GPU actors: reading runs in CPU tasks beside them, so the GPU never waits on decoding
+    read_cpus = cfg.cpus_per_actor if cfg.gpus_per_actor == 0 else 1.0
+    dataset = dataset.map_batches(read_rows, fn_kwargs={"spec": spec}, batch_size=cfg.batch_size,
+                                  batch_format="numpy", zero_copy_batch=True, num_cpus=read_cpus)
+    return dataset.map_batches(
+        ModelScorer, fn_constructor_args=([bundle_ref], score_spec), batch_size=cfg.batch_size,
+        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None)
+

@@ -1,0 +1,288 @@
+"""Evaluate a model on a test set with Ray Data: reference maps on an actor pool, metrics per class, streamed.
+
+The driver never holds the test set's maps. Batches arrive in manifest order (classes one after the other)
+and go into one `MetricAccumulator` per class; when the last image of a class has arrived its seven metrics
+are computed and its state is dropped. With eval.pixel_metrics='exact' memory is that of the largest class
+(4 B per normal pixel; the reference numbers); with 'streaming' the normal pixels take bounded memory whatever
+the test-set size (anomalous pixels, 12 B each, and image scores are always kept exactly).
+Unreadable images are reported (metrics.json, scores.parquet), never silently dropped, and left out of
+the metrics.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+import logging
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from dinomaly.config import Config
+from dinomaly.data.manifest import load_manifest, select
+from dinomaly.distributed.batch import ModelBundle, ScoreSpec, score_rows
+from dinomaly.metrics import (
+    METRIC_NAMES,
+    MetricAccumulator,
+    format_csv,
+    format_markdown,
+    format_table,
+    per_class_table,
+)
+from dinomaly.thresholds import f1_optimal_threshold, normal_quantile_threshold
+
+logger = logging.getLogger(__name__)
+
+SCORE_COLUMNS = ("uri", "category", "defect", "label", "score", "error", "peak_row", "peak_col")
+
+
+def test_rows(config: Config) -> pa.Table:
+    """The test split of config.data (manifest or dataset root) as rows for score_rows, classes contiguous."""
+    table = select(load_manifest(config.data), split="test")
+    if table.num_rows == 0:
+        raise ValueError(f"{config.data.root} has no test images; evaluation needs a test split")
+    classes = list(dict.fromkeys(table.column("category").to_pylist()))
+    order = pc.sort_indices(pa.table({"c": pc.index_in(table.column("category"), pa.array(classes)),
+                                      "i": pa.array(np.arange(table.num_rows))}),
+                            sort_keys=[("c", "ascending"), ("i", "ascending")])
+    table = table.take(order)
+    return pa.table({"uri": table.column("image_uri"), "mask_uri": table.column("mask_uri"),
+                     "label": table.column("label"), "category": table.column("category"),
+                     "defect": table.column("defect")})
+
+
+@dataclass(order=True)
+class Example:
+    """An image kept for the heatmap overlays (the heap orders by score)."""
+
+    score: float
+    uri: str = field(compare=False)
+    label: int = field(compare=False)
+    anomaly_map: np.ndarray = field(compare=False, repr=False)
+    mask: np.ndarray = field(compare=False, repr=False)
+
+
+class ClassStreams:
+    """Per-class metric state, filled batch by batch; a class is computed and freed when complete."""
+
+    def __init__(self, expected: dict[str, int], config: Config, examples_per_kind: int):
+        self.expected, self.seen = dict(expected), dict.fromkeys(expected, 0)
+        self.eval_config, self.examples_per_kind = config.eval, examples_per_kind
+        self.open: dict[str, MetricAccumulator] = {}
+        self.results: dict[str, dict[str, float]] = {}
+        self.examples: dict[tuple[str, int], list[Example]] = {}
+        self.peak_metric_bytes = 0
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        ok = batch["error"] == ""
+        for name in dict.fromkeys(batch["category"].tolist()):
+            pick = batch["category"] == name
+            use = pick & ok
+            if use.any():
+                acc = self.open.setdefault(name, MetricAccumulator(self.eval_config.aupro,
+                                                                   self.eval_config.pixel_metrics))
+                acc.update(name, batch["label"][use], batch["score"][use], batch["mask"][use], batch["map"][use])
+                self._keep_examples(name, batch, use)
+            self.peak_metric_bytes = max(self.peak_metric_bytes, sum(a.nbytes for a in self.open.values()))
+            self.seen[name] += int(pick.sum())
+            if self.seen[name] == self.expected[name]:
+                self._close(name)
+
+    def _keep_examples(self, name: str, batch: dict[str, np.ndarray], use: np.ndarray) -> None:
+        if not self.examples_per_kind:
+            return
+        for i in np.flatnonzero(use):
+            label = int(batch["label"][i])
+            heap = self.examples.setdefault((name, label), [])
+            if len(heap) == self.examples_per_kind and batch["score"][i] <= heap[0].score:
+                continue  # not among the highest: skip the map copy
+            item = Example(float(batch["score"][i]), str(batch["uri"][i]), label, batch["map"][i].copy(),
+                           batch["mask"][i].copy())
+            (heapq.heappush if len(heap) < self.examples_per_kind else heapq.heappushpop)(heap, item)
+
+    def _close(self, name: str) -> None:
+        acc = self.open.pop(name, None)
+        if acc is None:
+            logger.warning("class %s: no readable test image, its metrics are NaN", name)
+            self.results[name] = dict.fromkeys(METRIC_NAMES, math.nan)
+            return
+        self.results[name] = acc.compute_class(name)
+        logger.info("class %s: %s", name, ", ".join(f"{k}={v:.4f}" for k, v in self.results[name].items()))
+
+    def finish(self) -> dict[str, dict[str, float]]:
+        missing = {n: self.expected[n] - self.seen[n] for n in self.expected if self.seen[n] != self.expected[n]}
+        if missing:
+            raise RuntimeError(f"the scoring pipeline returned a different number of rows than it was given "
+                               f"(missing per class: {missing}); this is a bug, please report it")
+        return {name: self.results[name] for name in self.expected}
+
+
+@dataclass
+class EvalResult:
+    """Per-class metrics and everything written next to them."""
+
+    results: dict[str, dict[str, float]]
+    scores: pa.Table  # one row per test image: SCORE_COLUMNS
+    examples: dict[tuple[str, int], list[Example]]
+    seconds: float
+    peak_metric_bytes: int
+
+    @property
+    def rows(self) -> list[dict]:
+        return per_class_table(self.results)
+
+    @property
+    def errors(self) -> pa.Table:
+        return self.scores.filter(pc.not_equal(self.scores.column("error"), ""))
+
+
+def evaluate(bundle_ref, config: Config, table: pa.Table, heatmaps: int = 0) -> EvalResult:
+    """Score `table` (test_rows) with an actor pool and compute the reference metrics per class.
+
+    bundle_ref: ray.put(ModelBundle). heatmaps: how many highest-scored normal and highest-scored defective
+    images per class to keep for overlays.
+    """
+    expected = Counter(table.column("category").to_pylist())  # insertion order = class order
+    streams = ClassStreams(dict(expected), config, heatmaps)
+    dataset = score_rows(table, bundle_ref, config, ScoreSpec(keep_maps=True), with_masks=True, preserve_order=True)
+    parts, start = [], time.perf_counter()
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        streams.add(batch)
+        parts.append(pa.table({k: batch[k] for k in SCORE_COLUMNS}))
+    seconds = time.perf_counter() - start
+    results = streams.finish()
+    scores = pa.concat_tables(parts) if parts else pa.table({k: [] for k in SCORE_COLUMNS})
+    return EvalResult(results, scores, streams.examples, seconds, streams.peak_metric_bytes)
+
+
+def thresholds(scores: pa.Table, config: Config) -> dict[str, Any]:
+    """Image-score thresholds over the readable test images, pooled and per class (training's names)."""
+    ok = scores.filter(pc.equal(scores.column("error"), ""))
+    labels, values = ok.column("label").to_numpy(), ok.column("score").to_numpy()
+    categories = np.asarray(ok.column("category").to_pylist(), dtype=object)
+    quantile = config.tracking.normal_quantile
+    best, f1 = f1_optimal_threshold(labels, values)
+    per_class = {}
+    for name in dict.fromkeys(categories.tolist()):
+        pick = categories == name
+        per_class[name] = {"image_f1_optimal": f1_optimal_threshold(labels[pick], values[pick])[0],
+                           "image_normal_quantile": normal_quantile_threshold(labels[pick], values[pick], quantile)}
+    return {"image_f1_optimal": best, "image_f1_at_threshold": f1,
+            "image_normal_quantile": normal_quantile_threshold(labels, values, quantile), "normal_quantile": quantile,
+            "per_class": per_class}
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return None if not math.isfinite(value) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def summary(result: EvalResult, bundle: ModelBundle, config: Config) -> dict[str, Any]:
+    """The content of metrics.json (NaN written as null)."""
+    rows = result.rows
+    images = result.scores.num_rows
+    return _json_safe({
+        "model": {"source": bundle.source, "name": bundle.name, "version": bundle.version},
+        "data": config.data.root,
+        "settings": {"aupro": config.eval.aupro, "pixel_metrics": config.eval.pixel_metrics,
+                     "resize": config.eval.resize, "image_size": config.model.image_size,
+                     "crop_size": config.model.crop_size},
+        "classes": {str(r["class"]): {k: r[k] for k in METRIC_NAMES} for r in rows[:-1]},
+        "mean": {k: rows[-1][k] for k in METRIC_NAMES},
+        "thresholds": thresholds(result.scores, config),
+        "images": images,
+        "unreadable": [{"uri": u, "error": e} for u, e in zip(result.errors.column("uri").to_pylist(),
+                                                              result.errors.column("error").to_pylist())],
+        "seconds": result.seconds,
+        "images_per_s": images / result.seconds if result.seconds > 0 else None,
+    })
+
+
+def write_outputs(result: EvalResult, bundle: ModelBundle, config: Config, output: Path) -> dict[str, Any]:
+    """metrics.json, per_class.{txt,csv,md}, scores.parquet and heatmaps/ under `output`; returns the summary."""
+    output.mkdir(parents=True, exist_ok=True)
+    info = summary(result, bundle, config)
+    (output / "metrics.json").write_text(json.dumps(info, indent=1) + "\n")
+    (output / "per_class.txt").write_text(format_table(result.rows) + "\n")
+    (output / "per_class.csv").write_text(format_csv(result.rows))
+    (output / "per_class.md").write_text(format_markdown(result.rows) + "\n")
+    pq.write_table(result.scores, output / "scores.parquet")
+    if result.examples:
+        write_heatmaps(result.examples, config, output / "heatmaps")
+    return info
+
+
+def write_heatmaps(examples: dict[tuple[str, int], list[Example]], config: Config, folder: Path) -> list[Path]:
+    """One overlay PNG per kept image (re-read and cropped here) and one grid per class.
+
+    Files: <class>/normal_<rank>_<name>.png (highest-scored normal images: likely false alarms),
+    <class>/defect_<rank>_<name>.png (highest-scored defective images), <class>/grid.png. One colour range
+    per class (its kept maps' min..max) so the images of a class compare.
+    """
+    from dinomaly.data.storage import read_bytes
+    from dinomaly.data.transforms import decode_image, resize_crop_image
+    from dinomaly.distributed.batch import heatmap_name
+    from dinomaly.heatmap import heatmap_grid, overlay_png
+
+    written = []
+    for name, group in itertools.groupby(sorted(examples), key=lambda key: key[0]):
+        kept = [(label, rank, ex) for _, label in group
+                for rank, ex in enumerate(sorted(examples[(name, label)], reverse=True))]
+        vmin = min(float(ex.anomaly_map.min()) for _, _, ex in kept)
+        vmax = max(float(ex.anomaly_map.max()) for _, _, ex in kept)
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        images, captions = [], []
+        for label, rank, ex in kept:
+            image = decode_image(read_bytes(ex.uri, config.data), ex.uri)
+            pixels = resize_crop_image(image, config.model.image_size, config.model.crop_size)
+            kind = "defect" if label else "normal"
+            path = folder / name / f"{kind}_{rank}_{heatmap_name(ex.uri)}"
+            path.write_bytes(overlay_png(pixels, ex.anomaly_map, vmin, vmax, ex.mask))
+            images.append(pixels)
+            captions.append(f"{kind} score {ex.score:.4f} {Path(ex.uri).name}")
+            written.append(path)
+        grid = heatmap_grid(images, [ex.anomaly_map for _, _, ex in kept], captions,
+                            [ex.mask for _, _, ex in kept], vmin, vmax)
+        (folder / name / "grid.png").write_bytes(grid)
+    return written
+
+
+def log_to_mlflow(info: dict[str, Any], config: Config, output: Path, run_name: str) -> str:
+    """An MLflow run with the config, the model source, metrics test/<class>/<metric> and the output files."""
+    from mlflow.entities import Metric, Param
+
+    from dinomaly.distributed.tracking import close_run, open_run, resolve_tracking_uri
+
+    tracking = replace(config.tracking, tracking_uri=resolve_tracking_uri(config.tracking))
+    config = replace(config, tracking=tracking)
+    run_id = open_run(config, run_name)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking.tracking_uri)
+    now = int(time.time() * 1000)
+    per_class = {**info["classes"], "mean": info["mean"]}
+    metrics = [Metric(f"test/{name}/{k}", float(v), now, 0)
+               for name, values in per_class.items() for k, v in values.items() if v is not None]
+    for start in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[start:start + 1000])
+    client.log_batch(run_id, params=[Param("evaluate.model", info["model"]["source"][:6000]),
+                                     Param("evaluate.data", str(info["data"])[:6000])])
+    client.log_artifacts(run_id, str(output))
+    close_run(tracking.tracking_uri, run_id, succeeded=True)
+    return run_id

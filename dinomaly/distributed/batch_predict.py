@@ -1,0 +1,241 @@
+"""Bulk scoring of unlabelled images (a folder, an s3:// prefix or a manifest) into Parquet, resumable.
+
+Output location (folder or s3:// prefix):
+    results/part-<run>-<n>.parquet  one row per input image (RESULT_SCHEMA), written every `rows_per_file`
+                             rows; read it all with pandas.read_parquet("<output>/results") or Ray Data
+    heatmaps/<stem>-<hash>.png  overlays, when asked (colours 0 .. 2 x threshold, as the service's)
+    run.json                 model source, threshold and heatmap setting of the results
+    summary.json             counts, anomaly rate, images/s of the latest run
+A re-run on the same output skips every uri already in a part file (error rows included: an unreadable
+file stays unreadable), so a killed run loses at most the rows not yet flushed. Reusing an output made
+with another model or threshold is refused unless it is overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from dinomaly.config import Config
+from dinomaly.data.records import is_image
+from dinomaly.data.storage import StorageOptions, filesystem_for, list_files, split_uri
+from dinomaly.distributed.batch import ModelBundle, ScoreSpec, score_rows
+
+logger = logging.getLogger(__name__)
+
+RESULT_SCHEMA = pa.schema([
+    pa.field("uri", pa.string(), nullable=False),
+    pa.field("score", pa.float32()),  # null on error
+    pa.field("is_anomalous", pa.bool_()),  # score >= threshold; null on error
+    pa.field("threshold", pa.float32(), nullable=False),
+    pa.field("peak_row", pa.float32()),  # centroid of the top-1% map pixels, ORIGINAL image pixels
+    pa.field("peak_col", pa.float32()),
+    pa.field("peak_row_map", pa.float32()),  # the same in final-map pixels (eval.resize x eval.resize)
+    pa.field("peak_col_map", pa.float32()),
+    pa.field("height", pa.int32()),  # original image size; null on error
+    pa.field("width", pa.int32()),
+    pa.field("heatmap_uri", pa.string()),  # null when not asked or on error
+    pa.field("error", pa.string()),  # null = scored
+])
+RUN_FILE, SUMMARY_FILE, HEATMAP_DIR, RESULTS_DIR = "run.json", "summary.json", "heatmaps", "results"
+
+
+def list_inputs(input_uri: str, config: Config) -> list[str]:
+    """Image URIs: every image file under a folder / prefix (by extension), or a Parquet's image_uri/uri column."""
+    if input_uri.endswith(".parquet"):
+        fs, path = filesystem_for(input_uri, config.data)
+        table = pq.read_table(path, filesystem=fs)
+        column = next((c for c in ("image_uri", "uri") if c in table.column_names), None)
+        if column is None:
+            raise ValueError(f"{input_uri} has no image_uri or uri column (columns: {table.column_names}); "
+                             "pass a manifest from pipelines/prepare_data.py or a Parquet list of URIs")
+        return list(dict.fromkeys(table.column(column).to_pylist()))
+    files = list_files(input_uri, data_config=config.data)
+    images = [uri for uri in files if is_image(uri.rsplit("/", 1)[-1])]
+    if len(images) < len(files):
+        logger.info("%d files under %s are not images by extension and are not scored", len(files) - len(images),
+                    input_uri)
+    if not images:
+        raise FileNotFoundError(f"no image files under {input_uri}; check the path (or pass a manifest)")
+    return images
+
+
+class OutputStore:
+    """The result location: Parquet parts, run.json, summary.json and heatmaps under one folder or prefix."""
+
+    def __init__(self, uri: str, config: Config):
+        self.uri = uri.rstrip("/")
+        self.fs, self.path = filesystem_for(self.uri, config.data)
+        self.is_local = not split_uri(self.uri)[0]
+
+    def _files(self) -> list[pafs.FileInfo]:
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=True, allow_not_found=True))
+        return [i for i in infos if i.type == pafs.FileType.File]
+
+    def exists(self) -> bool:
+        return bool(self._files())
+
+    def parts(self) -> list[str]:
+        return sorted(i.path for i in self._files() if i.path.startswith(f"{self.path}/{RESULTS_DIR}/part-")
+                      and i.base_name.endswith(".parquet"))
+
+    def clear(self) -> None:
+        self.fs.delete_dir_contents(self.path, missing_dir_ok=True)
+
+    def results(self, columns: list[str] | None = None) -> pa.Table:
+        tables = [pq.read_table(p, filesystem=self.fs, columns=columns) for p in self.parts()]
+        schema = RESULT_SCHEMA if columns is None else pa.schema([RESULT_SCHEMA.field(c) for c in columns])
+        return pa.concat_tables(tables) if tables else schema.empty_table()
+
+    def read_json(self, name: str) -> dict[str, Any] | None:
+        path = f"{self.path}/{name}"
+        if self.fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        with self.fs.open_input_stream(path) as stream:
+            return json.loads(stream.readall())
+
+    def write_json(self, name: str, value: dict[str, Any]) -> None:
+        self._write(f"{self.path}/{name}", lambda path: self._put(path, json.dumps(value, indent=1).encode()))
+
+    def write_part(self, table: pa.Table, name: str) -> None:
+        self._write(f"{self.path}/{RESULTS_DIR}/{name}", lambda path: pq.write_table(table, path, filesystem=self.fs))
+
+    def _put(self, path: str, data: bytes) -> None:
+        with self.fs.open_output_stream(path) as stream:
+            stream.write(data)
+
+    def _write(self, path: str, writer) -> None:
+        """Local: write a temporary name, then rename (a crash never leaves half a file). S3 puts are atomic."""
+        if not self.is_local:
+            writer(path)
+            return
+        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        temporary = f"{path}.tmp"
+        writer(temporary)
+        self.fs.move(temporary, path)
+
+
+def prepare_output(store: OutputStore, run: dict[str, Any], overwrite: bool) -> set[str]:
+    """Clear (overwrite) or check an existing output; returns the uris already scored there."""
+    if overwrite:
+        store.clear()
+    elif store.exists():
+        previous = store.read_json(RUN_FILE)
+        if previous is not None and previous != run:
+            changed = {k: (previous.get(k), v) for k, v in run.items() if previous.get(k) != v}
+            raise ValueError(f"{store.uri} holds results of another run ({changed} as (before, now)); pass "
+                             "--overwrite to replace them, or choose another --output")
+        if previous is None and not store.parts():
+            raise ValueError(f"{store.uri} exists and is not a predict output; pass --overwrite to clear it, or "
+                             "choose another --output")
+    store.write_json(RUN_FILE, run)
+    return set(store.results(["uri"]).column("uri").to_pylist())
+
+
+def _result_rows(batch: dict[str, np.ndarray], threshold: float) -> pa.Table:
+    ok = batch["error"] == ""
+    scores = batch["score"]
+
+    def masked(values, dtype):
+        return pa.array(values, type=dtype, mask=~ok)
+
+    return pa.table({
+        "uri": pa.array(batch["uri"].tolist(), pa.string()),
+        "score": masked(scores, pa.float32()),
+        "is_anomalous": masked(scores >= threshold, pa.bool_()),
+        "threshold": pa.array(np.full(len(ok), threshold, np.float32)),
+        **{k: masked(batch[k], pa.float32()) for k in ("peak_row", "peak_col", "peak_row_map", "peak_col_map")},
+        "height": masked(batch["height"], pa.int32()), "width": masked(batch["width"], pa.int32()),
+        "heatmap_uri": pa.array([h or None for h in batch["heatmap_uri"].tolist()], pa.string()),
+        "error": pa.array([e or None for e in batch["error"].tolist()], pa.string()),
+    }, schema=RESULT_SCHEMA)
+
+
+@dataclass
+class PredictSummary:
+    """Counts of this run and of the whole output; what the pipeline prints and writes to summary.json."""
+
+    output: str
+    inputs: int
+    skipped: int  # already in the output from an earlier run
+    scored: int  # this run, readable
+    errors: int  # this run, unreadable
+    anomalous: int  # this run
+    seconds: float
+    total_rows: int  # the whole output after this run
+    total_errors: int
+    total_anomalous: int
+
+    @property
+    def images_per_s(self) -> float:
+        done = self.scored + self.errors
+        return done / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def anomaly_rate(self) -> float:
+        scored = self.total_rows - self.total_errors
+        return self.total_anomalous / scored if scored else float("nan")
+
+    def as_dict(self) -> dict[str, Any]:
+        rate = self.anomaly_rate
+        return {**asdict(self), "images_per_s": self.images_per_s, "anomaly_rate": rate if rate == rate else None}
+
+
+def predict(bundle_ref, bundle: ModelBundle, config: Config, inputs: list[str], output_uri: str, threshold: float,
+            heatmaps: bool = False, overwrite: bool = False, rows_per_file: int = 2000,
+            progress: bool = False) -> PredictSummary:
+    """Score `inputs` that are not yet in `output_uri`; write Parquet parts as results stream in."""
+    store = OutputStore(output_uri, config)
+    run = {"model": bundle.source, "model_version": bundle.version, "threshold": threshold, "heatmaps": heatmaps}
+    done = prepare_output(store, run, overwrite)
+    todo = [uri for uri in inputs if uri not in done]
+    logger.info("%d images to score, %d already in %s", len(todo), len(inputs) - len(todo), store.uri)
+    spec = ScoreSpec(keep_maps=False, storage=StorageOptions.resolve(config.data),
+                     heatmap_uri=f"{store.uri}/{HEATMAP_DIR}" if heatmaps else "",
+                     heatmap_range=(0.0, 2.0 * threshold) if threshold > 0 else None)
+    counts = {"scored": 0, "errors": 0, "anomalous": 0}
+    start, run_id = time.perf_counter(), f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    if todo:
+        dataset = score_rows(pa.table({"uri": pa.array(todo, pa.string())}), bundle_ref, config, spec,
+                             with_masks=False)
+        _stream(dataset, store, threshold, counts, run_id, rows_per_file, len(todo), progress)
+    totals = store.results(["error", "is_anomalous"])
+    result = PredictSummary(
+        output=store.uri, inputs=len(inputs), skipped=len(inputs) - len(todo), seconds=time.perf_counter() - start,
+        total_rows=totals.num_rows, total_errors=int(pc.count(totals.column("error")).as_py()),
+        total_anomalous=int(pc.sum(totals.column("is_anomalous")).as_py() or 0), **counts)
+    store.write_json(SUMMARY_FILE, result.as_dict())
+    return result
+
+
+def _stream(dataset, store: OutputStore, threshold: float, counts: dict[str, int], run_id: str,
+            rows_per_file: int, total: int, progress: bool) -> None:
+    from tqdm import tqdm
+
+    pending: list[pa.Table] = []
+    pending_rows = part = 0
+    with tqdm(total=total, unit="img", disable=not progress, desc="scoring") as bar:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            rows = _result_rows(batch, threshold)
+            errors = int(pc.count(rows.column("error")).as_py())
+            counts["errors"] += errors
+            counts["scored"] += rows.num_rows - errors
+            counts["anomalous"] += int(pc.sum(rows.column("is_anomalous")).as_py() or 0)
+            pending.append(rows)
+            pending_rows += rows.num_rows
+            bar.update(rows.num_rows)
+            if pending_rows >= rows_per_file:
+                store.write_part(pa.concat_tables(pending), f"part-{run_id}-{part:05d}.parquet")
+                pending, pending_rows, part = [], 0, part + 1
+        if pending:
+            store.write_part(pa.concat_tables(pending), f"part-{run_id}-{part:05d}.parquet")

@@ -1,0 +1,158 @@
+"""The reference evaluation (spec 5) of a model on a manifest's test split, split over the training workers.
+
+Classes, not images, are divided among the ranks (balanced by image count): each rank scores its
+classes and computes their seven metrics locally, so only small per-class results (metrics, image
+labels and scores) travel to rank 0 through torch.distributed.gather_object, and the pixel-level
+metrics, the expensive part, run in parallel. With fewer classes than ranks some ranks idle.
+Rank 0 then builds the per-class table, the means and the thresholds.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+import torch.distributed as dist
+
+from dinomaly.config import Config
+from dinomaly.data.dataset import ManifestDataset, iterate_batches
+from dinomaly.data.manifest import select
+from dinomaly.distributed.tracking import json_safe  # noqa: F401 - re-exported for callers
+from dinomaly.inference import Predictor, resize_masks
+from dinomaly.metrics import MetricAccumulator, per_class_table
+from dinomaly.thresholds import f1_optimal_threshold, normal_quantile_threshold
+from dinomaly.visualize import denormalize, image_grid, overlay
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ClassResult:
+    """One class: its seven metrics and the image labels and scores behind the image-level ones."""
+
+    metrics: dict[str, float]
+    labels: list[int]
+    scores: list[float]
+
+
+@dataclass
+class Evaluation:
+    """Per-class rows (+ 'mean' row), the results behind them and the thresholds derived from the scores."""
+
+    rows: list[dict] = field(default_factory=list)
+    classes: dict[str, ClassResult] = field(default_factory=dict)
+    thresholds: dict = field(default_factory=dict)
+
+    @property
+    def mean(self) -> dict[str, float]:
+        return {k: v for k, v in self.rows[-1].items() if k != "class"}
+
+    def by_class(self) -> dict[str, dict[str, float]]:
+        """{class: metrics, ..., 'mean': metrics}, as logged to MLflow and written to metrics.json."""
+        return {str(r["class"]): {k: v for k, v in r.items() if k != "class"} for r in self.rows}
+
+
+def assign_classes(counts: dict[str, int], world: int) -> list[list[str]]:
+    """Classes per rank, largest first onto the least-loaded rank; deterministic for equal inputs."""
+    loads, shares = [0] * world, [[] for _ in range(world)]
+    for name in sorted(counts, key=lambda c: (-counts[c], c)):
+        rank = loads.index(min(loads))
+        shares[rank].append(name)
+        loads[rank] += counts[name]
+    return shares
+
+
+def evaluate_classes(model: torch.nn.Module, test_table: pa.Table, classes: list[str], config: Config,
+                     device: torch.device) -> dict[str, ClassResult]:
+    """Score the test images of `classes` and compute each class's metrics (no communication)."""
+    if not classes:
+        return {}
+    dataset = ManifestDataset(select(test_table, categories=classes), config.model, strict=config.data.strict,
+                              max_pixels=config.data.max_image_pixels or None)
+    predictor = Predictor(model, config.eval, device=device)
+    accumulator = MetricAccumulator(aupro=config.eval.aupro)
+    labels: dict[str, list[int]] = {c: [] for c in classes}
+    scores: dict[str, list[float]] = {c: [] for c in classes}
+    for batch in iterate_batches(dataset, config.eval.batch_size, config.data.loader_workers):
+        result = predictor.predict(batch.images)
+        masks = resize_masks(batch.masks, config.eval.resize)[:, 0].numpy()
+        accumulator.update(batch.categories, batch.labels.numpy(), result.scores, masks, result.maps)
+        for name, label, score in zip(batch.categories, batch.labels.tolist(), result.scores.tolist()):
+            labels[name].append(label)
+            scores[name].append(score)
+    if dataset.corrupt.count:
+        logger.warning("evaluation skipped %d unreadable test images: %s", dataset.corrupt.count,
+                       dataset.corrupt.uris[:5])
+    return {name: ClassResult(metrics, labels[name], scores[name]) for name, metrics in accumulator.compute().items()}
+
+
+def summarize(results: dict[str, ClassResult], config: Config) -> Evaluation:
+    """Rows in class order + mean; thresholds pooled over all classes and per class."""
+    ordered = {name: results[name] for name in sorted(results)}
+    rows = per_class_table({name: r.metrics for name, r in ordered.items()})
+    labels = np.concatenate([r.labels for r in ordered.values()])
+    scores = np.concatenate([r.scores for r in ordered.values()])
+    quantile = config.tracking.normal_quantile
+    f1_threshold, f1 = f1_optimal_threshold(labels, scores)
+    thresholds = {
+        "image_f1_optimal": f1_threshold, "image_f1_at_threshold": f1,
+        "image_normal_quantile": normal_quantile_threshold(labels, scores, quantile), "normal_quantile": quantile,
+        "per_class": {name: {"image_f1_optimal": f1_optimal_threshold(r.labels, r.scores)[0],
+                             "image_normal_quantile": normal_quantile_threshold(r.labels, r.scores, quantile)}
+                      for name, r in ordered.items()},
+    }
+    return Evaluation(rows=rows, classes=ordered, thresholds=thresholds)
+
+
+def evaluate_distributed(model: torch.nn.Module, test_table: pa.Table, config: Config, rank: int, world: int,
+                         device: torch.device) -> Evaluation | None:
+    """Every rank evaluates its share of classes; rank 0 gathers them and returns the Evaluation, others None."""
+    counts = dict(zip(*np.unique(np.asarray(test_table.column("category").to_pylist()), return_counts=True)))
+    shares = assign_classes({str(k): int(v) for k, v in counts.items()}, world)
+    local = evaluate_classes(model, test_table, shares[rank], config, device)
+    if world > 1 and dist.is_initialized():
+        gathered: list | None = [None] * world if rank == 0 else None
+        dist.gather_object(local, gathered, dst=0)
+        if rank != 0:
+            return None
+        local = {name: result for part in gathered for name, result in part.items()}
+    return summarize(local, config) if local else None
+
+
+def heatmap_grid(model: torch.nn.Module, test_table: pa.Table, config: Config, count: int, device: torch.device):
+    """A PIL grid of `count` normal and `count` defective test images (spread over classes): image | overlay.
+
+    Map colours share one range (the min and max over the shown maps), so rows are comparable.
+    """
+    picks = []
+    for label in (0, 1):
+        rows = test_table.filter(pc.equal(test_table.column("label"), label))
+        by_class: dict[str, list[int]] = {}
+        for i, name in enumerate(rows.column("category").to_pylist()):
+            by_class.setdefault(name, []).append(i)
+        order = [idx for group in zip(*by_class.values()) for idx in group] if by_class else []
+        picks.append(rows.take(order[:count]) if order else None)
+    tables = [t for t in picks if t is not None and t.num_rows]
+    if count == 0 or not tables:
+        return None
+    dataset = ManifestDataset(pa.concat_tables(tables), config.model, max_pixels=config.data.max_image_pixels or None)
+    batch = next(iterate_batches(dataset, len(dataset)), None)
+    if batch is None:
+        return None
+    result = Predictor(model, config.eval, device=device).predict(batch.images)
+    low, high = float(result.maps.min()), float(result.maps.max())
+    tiles = [[_pil(denormalize(img)), overlay(denormalize(img), amap, low, high, mask[0].numpy())]
+             for img, amap, mask in zip(batch.images, result.maps, batch.masks)]
+    captions = [f"{c} {'defect' if lab else 'good'} score {s:.4f}" for c, lab, s in
+                zip(batch.categories, batch.labels.tolist(), result.scores.tolist())]
+    return image_grid(tiles, captions)
+
+
+def _pil(pixels):
+    from PIL import Image
+
+    return Image.fromarray(pixels)

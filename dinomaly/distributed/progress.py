@@ -1,0 +1,68 @@
+"""Text for the driver's console: one progress line per report, and the end-of-run summary.
+
+The library only builds the strings; entry points (pipelines/train.py, pipelines/demo.py) print them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from dinomaly.config import Config
+from dinomaly.metrics import METRIC_NAMES, format_table
+
+if TYPE_CHECKING:
+    from dinomaly.distributed.launch import TrainOutcome
+
+
+class ProgressFormatter:
+    """note (a worker report: step, loss, lr, p, images_per_s, total_steps, run) -> one line with an ETA.
+
+    The ETA uses the speed between this run's last two notes, so start-up and evaluations do not skew it.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def __call__(self, note: dict) -> str:
+        now, step, total, run = time.monotonic(), note["step"], note["total_steps"], note["run"]
+        seen_at, seen_step = self._last.get(run, (now, step))
+        self._last[run] = (now, step)
+        rate = (step - seen_step) / (now - seen_at) if now > seen_at and step > seen_step else 0.0
+        eta = _duration((total - step) / rate) if rate else "?"
+        line = (f"[{run}] step {step}/{total}  loss {note['loss']:.4f}  lr {note['lr']:.2e}  p {note['p']:.4f}  "
+                f"{note['images_per_s']:.1f} images/s  data wait {100 * note['data_wait_fraction']:.0f}%  ETA {eta}")
+        if "test/mean/image_auroc" in note:
+            line += (f"  | test mean image AUROC {note['test/mean/image_auroc']:.4f}, "
+                     f"pixel AUROC {note['test/mean/pixel_auroc']:.4f}")
+        return line
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def summary_lines(outcome: TrainOutcome, config: Config) -> list[str]:
+    """Per-class table(s), MLflow run and registry version, checkpoint and output locations."""
+    lines: list[str] = []
+    for run in outcome.children or [outcome]:
+        summary = run.summary
+        if summary.get("rows"):
+            lines += ["", f"{run.name}, step {summary.get('final_step')}:", format_table(summary["rows"])]
+        if run.mlflow_run_id:
+            version = summary.get("model_version")
+            registry = (f"; registered as {config.tracking.registered_model_name}"
+                        f"{'-' + run.name.removeprefix(config.name + '-') if outcome.children else ''} "
+                        f"version {version}") if version else ""
+            lines.append(f"MLflow run {run.mlflow_run_id} in experiment '{config.tracking.experiment_name}'{registry}")
+        checkpoint = run.output_dir / "checkpoint" if run.output_dir else run.checkpoint_uri
+        lines.append(f"checkpoint: {checkpoint}  (Ray storage: {run.checkpoint_uri})")
+    if outcome.children and outcome.summary["metrics"].get("mean"):
+        mean = outcome.summary["metrics"]["mean"]
+        lines.append("mean over classes: " + "  ".join(f"{k} {mean[k]:.4f}" for k in METRIC_NAMES))
+    if outcome.output_dir:
+        lines.append(f"outputs: {outcome.output_dir}/ (checkpoint/, config.yaml, metrics.json)")
+    if config.tracking.enabled:
+        lines.append(f"browse runs: mlflow ui --backend-store-uri {config.tracking.tracking_uri}")
+    return lines

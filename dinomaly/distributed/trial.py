@@ -1,0 +1,288 @@
+"""One Tune trial: a driver function that runs a Ray Train run of the trial's config and reports to Tune.
+
+Ray 2.60 pattern (shared/ray-notes.md section 3): the Tune trainable is a plain function that builds and
+fits a TorchTrainer whose RunConfig carries TuneReportCallback, so every ray.train.report of rank 0 reaches
+Tune (ASHA decides on it). The Train run is named after the trial id under the sweep's storage, so a
+restored sweep re-runs the function and the Train run resumes from its latest checkpoint.
+
+The workers run dinomaly.loop.train_steps from images or from the feature cache (dinomaly.features),
+stop at tune.evaluations evenly spaced points, compute the objective there and report it with a
+checkpoint. A loss or gradient norm that is NaN/inf (or above tune.max_loss) fails the trial with
+TrialDiverged; Tune records the reason and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from dinomaly.checkpoint import load, save
+from dinomaly.config import Config, apply_overrides, parse_search_spec
+from dinomaly.data.dataset import ManifestDataset, iterate_batches
+from dinomaly.distributed.batches import ManifestBatches
+from dinomaly.distributed.evaluation import evaluate_distributed, json_safe
+from dinomaly.distributed.tracking import open_run, run_logger
+from dinomaly.distributed.training import storage_for, worker_resources
+from dinomaly.features import FeatureBatches, FeatureCache, FeatureInput
+from dinomaly.loop import TrainState, seed_everything, train_steps
+from dinomaly.loss import hard_mining_cosine_loss
+from dinomaly.model.dinomaly import Dinomaly
+
+logger = logging.getLogger(__name__)
+
+Objective = Literal["labelled", "holdout_loss"]
+SWEEP_TAG, ROLE_TAG, TRIAL_TAG = "dinomaly.sweep", "dinomaly.role", "dinomaly.trial_id"
+
+
+class TrialDiverged(RuntimeError):
+    """The trial's training loss or gradient norm went NaN/inf or above tune.max_loss."""
+
+
+class TrialFailed(RuntimeError):
+    """A trial's Train run failed; the message is the one-line reason (shown in the ranking)."""
+
+
+@dataclass
+class SweepSpec:
+    """What every trial needs, shipped once through tune.with_parameters."""
+
+    config: Config  # the base config (tracking URI absolute)
+    objective: Objective
+    train_rows: pa.Table  # training images (held-out normals removed for holdout_loss)
+    eval_rows: pa.Table | None  # labelled test rows, or the held-out normal rows
+    cache_uri: str | None
+    train_storage: str  # Train runs live at <train_storage>/<trial_id>
+    parent_run_id: str | None
+
+
+def decode_params(params: dict[str, Any], space: dict[str, Any]) -> dict[str, Any]:
+    """Tune's sampled values -> config overrides: choice()/grid() values travel as JSON text (Optuna needs
+    scalars), and a mapping value sets the keys below its dotted key."""
+    overrides: dict[str, Any] = {}
+    for key, value in params.items():
+        if key in space and parse_search_spec(key, space[key])[0] in ("choice", "grid"):
+            value = json.loads(value)
+        if isinstance(value, dict):
+            overrides.update({f"{key}.{sub}": v for sub, v in value.items()})
+        else:
+            overrides[key] = value
+    return overrides
+
+
+def trial_config(base: Config, params: dict[str, Any], trial_id: str) -> Config:
+    """The trial's validated config (ValueError names the bad value); its name is the trial id."""
+    overrides = decode_params(params, base.tune.search_space)
+    return apply_overrides(base, {**overrides, "name": f"{base.name}-{trial_id}"})
+
+
+def evaluation_steps(total_steps: int, evaluations: int) -> list[int]:
+    """The steps at which a trial evaluates: evenly spaced, the last one = total_steps."""
+    return sorted({max(1, round(total_steps * k / evaluations)) for k in range(1, evaluations + 1)})
+
+
+# --------------------------------------------------------------------------- the Tune trainable (driver fn)
+
+
+def run_trial(params: dict[str, Any], spec: SweepSpec) -> None:
+    """The Tune function trainable: build the trial config, open its MLflow child run, fit its Train run."""
+    import ray.train
+    from ray import tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = tune.get_context().get_trial_id()
+    config = trial_config(spec.config, params, trial_id)
+    run_id = _open_child_run(config, spec, trial_id) if config.tracking.enabled else None
+    source = (FeatureBatches(spec.cache_uri, spec.train_rows.column("image_uri").to_pylist(), config)
+              if spec.cache_uri else ManifestBatches(spec.train_rows, config))
+    resources = worker_resources(config, uses_ray_data=False, cluster_cpus=None)
+    job = TrialJob(config=config, source=source, objective=spec.objective, eval_rows=spec.eval_rows,
+                   cache_uri=spec.cache_uri, mlflow_run_id=run_id, threads=max(1, int(resources["CPU"])))
+    storage_path, filesystem = storage_for(spec.train_storage, config.data)
+    trainer = TorchTrainer(
+        trial_worker, train_loop_config={"job": job},
+        scaling_config=ray.train.ScalingConfig(num_workers=config.train.num_workers, use_gpu=config.train.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=trial_id, storage_path=storage_path, storage_filesystem=filesystem,
+            callbacks=[TuneReportCallback()], checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            failure_config=ray.train.FailureConfig(max_failures=0)))  # divergence is deterministic: no retry
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        raise TrialFailed(failure_reason(err)) from None
+
+
+def failure_reason(err: BaseException) -> str:
+    """One line: the innermost worker exception's 'Type: message' (Ray wraps it in several tracebacks)."""
+    causes = list(getattr(err, "worker_failures", {}).values()) or [err]
+    text = str(causes[0]).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if ":" in line and line.split(":", 1)[0].split(".")[-1][:1].isupper() and " " not in line.split(":")[0]:
+            return line[:500]
+    return (lines[-1] if lines else type(err).__name__)[:500]
+
+
+def _open_child_run(config: Config, spec: SweepSpec, trial_id: str) -> str:
+    """The trial's MLflow run (flattened config as params), nested under the sweep's parent run."""
+    from mlflow import MlflowClient
+
+    run_id = open_run(config, config.name)  # re-opened when a restored sweep re-runs an unfinished trial
+    client = MlflowClient(config.tracking.tracking_uri)
+    tags = {SWEEP_TAG: spec.config.name, ROLE_TAG: "trial", TRIAL_TAG: trial_id}
+    if spec.parent_run_id:
+        tags["mlflow.parentRunId"] = spec.parent_run_id
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    return run_id
+
+
+# --------------------------------------------------------------------------- the Train workers
+
+
+@dataclass
+class TrialJob:
+    """What the trial's Train workers need (train_loop_config)."""
+
+    config: Config
+    source: ManifestBatches | FeatureBatches
+    objective: Objective
+    eval_rows: pa.Table | None
+    cache_uri: str | None
+    mlflow_run_id: str | None
+    threads: int = 1
+
+
+def _initial_model(config: Config) -> tuple[Dinomaly, dict | None, dict | None]:
+    """(model, saved train state, last report) from the Train run's latest checkpoint (a resumed trial), or
+    (fresh model, None, None). The last report is that checkpoint's metrics plus its checkpoint_path."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return Dinomaly(config.model), None, None
+    with checkpoint.as_directory() as directory:
+        loaded = load(directory)
+    model = Dinomaly(config.model, load_encoder_weights=False)
+    model.load_state_dict(loaded.model.state_dict())
+    metrics = (loaded.metadata or {}).get("metrics")
+    last = dict(metrics, checkpoint_path=checkpoint.path) if metrics else None
+    return model, loaded.train_state, last
+
+
+def check_divergence(records: list[dict], max_loss: float) -> None:
+    """TrialDiverged at the first step whose loss or gradient norm is not finite, or loss > max_loss (> 0)."""
+    for record in records:
+        loss, grad_norm = record["loss"], record["grad_norm"]
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise TrialDiverged(f"diverged at step {record['step']}: loss {loss}, gradient norm {grad_norm} "
+                                "(lower train.lr or narrow its search range)")
+        if max_loss and loss > max_loss:
+            raise TrialDiverged(f"diverged at step {record['step']}: loss {loss:.4g} > tune.max_loss={max_loss}")
+
+
+def trial_worker(loop_config: dict) -> None:
+    """Train to each evaluation point, compute the objective, report it (+ a checkpoint) to Train and Tune."""
+    import ray.train
+    import ray.train.torch
+
+    job: TrialJob = loop_config["job"]
+    config, tc = job.config, job.config.train
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(job.threads)
+    device = ray.train.torch.get_device()
+    seed_everything(tc.seed)
+    model, saved, last_report = _initial_model(config)
+    if last_report is not None:  # an interrupt can fall between this report and Tune seeing it: say it again
+        ray.train.report(last_report)
+    runner = FeatureInput(model) if isinstance(job.source, FeatureBatches) else model
+    wrapped = ray.train.torch.prepare_model(runner, parallel_strategy_kwargs={"broadcast_buffers": False})
+    state = TrainState.from_state_dict(wrapped, config, saved) if saved else TrainState.create(wrapped, config)
+    if rank > 0:
+        torch.manual_seed(tc.seed + rank + 7919 * state.step)  # distinct dropout masks per rank
+    tracker = run_logger(config, job.mlflow_run_id, rank)
+    batches = job.source.iterate(rank, world, state.step)
+    points = evaluation_steps(tc.total_steps, config.tune.evaluations)
+    for number, end in enumerate(points, start=1):
+        if end <= state.step:
+            continue
+        records: list[dict] = []
+        while state.step < end:  # chunks of log_every steps so a divergence stops the trial early
+            chunk = min(end - state.step, tc.log_every or end)
+            done, state = train_steps(wrapped, itertools.islice(batches, chunk), config, state)
+            check_divergence(done, config.tune.max_loss)
+            records += done
+        tracker.log_steps(records)
+        metrics, thresholds = _objective(job, model, runner, rank, world, device)
+        metrics.update(evaluation=number, step=state.step, loss=float(np.mean([r["loss"] for r in records])))
+        tracker.log_steps([{k: v for k, v in metrics.items() if k not in ("evaluation", "loss")}])
+        _report(model, config, state, metrics, thresholds, rank)
+
+
+def _objective(job: TrialJob, model: Dinomaly, runner: torch.nn.Module, rank: int, world: int,
+               device: torch.device) -> tuple[dict[str, float], dict | None]:
+    """({objective, per-metric means or holdout_loss}, thresholds or None); computed on rank 0."""
+    tune = job.config.tune
+    if job.objective == "labelled":
+        evaluation = evaluate_distributed(model, job.eval_rows, job.config, rank, world, device)
+        if evaluation is None:  # ranks > 0: rank 0 reports
+            return {"objective": float("nan")}, None
+        values = [evaluation.mean.get(name, float("nan")) for name in tune.metrics]
+        finite = [v for v in values if math.isfinite(v)]
+        if not finite:
+            raise TrialFailed(f"objective metrics {tune.metrics} are all NaN on the test split (no defective "
+                              "images or masks?); pick others in tune.metrics or use tune.objective=holdout_loss")
+        metrics = {f"mean_{name}": float(v) for name, v in zip(tune.metrics, values)}
+        return dict(metrics, objective=float(np.mean(finite))), evaluation.thresholds
+    if rank > 0:
+        return {"objective": float("nan")}, None
+    loss = holdout_loss(runner, job, device)
+    return {"objective": loss, "holdout_loss": loss}, None
+
+
+@torch.no_grad()
+def holdout_loss(runner: torch.nn.Module, job: TrialJob, device: torch.device) -> float:
+    """Mean global cosine reconstruction loss (eval mode, the trial's own fuse_groups) on held-out normals."""
+    config, rows = job.config, job.eval_rows
+    runner.eval()
+    total, count = 0.0, 0
+    if job.cache_uri:
+        cache = FeatureCache.open(job.cache_uri, config.data)
+        indices = cache.indices_of(rows.column("image_uri").to_pylist())
+        batches = (cache.features(indices[i:i + config.eval.batch_size])
+                   for i in range(0, len(indices), config.eval.batch_size))
+    else:
+        dataset = ManifestDataset(rows, config.model, with_masks=False, data_config=config.data)
+        batches = (batch.images for batch in iterate_batches(dataset, config.eval.batch_size))
+    for inputs in batches:
+        enc, dec = runner(inputs.to(device))
+        total += float(hard_mining_cosine_loss(enc, dec, p=0.0)) * inputs.shape[0]
+        count += inputs.shape[0]
+    return total / count
+
+
+def _report(model: Dinomaly, config: Config, state: TrainState, metrics: dict, thresholds: dict | None,
+            rank: int) -> None:
+    """ray.train.report on every rank; rank 0 attaches the checkpoint (weights, train state, objective)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            metadata = dict(step=state.step, run_name=config.name, metrics=json_safe(metrics))
+            if thresholds:
+                metadata["thresholds"] = json_safe(thresholds)
+            save(tmp, model, config, train_state=state.state_dict(), metadata=metadata)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{state.step:07d}")

@@ -1,0 +1,81 @@
+"""Serve a trained model over HTTP on Ray Serve, in the foreground, until Ctrl-C.
+
+    python pipelines/serve.py --model runs/demo/checkpoint --config demo
+    python pipelines/serve.py --model models:/dinomaly@champion --host 127.0.0.1 --port 8000
+    python pipelines/serve.py --model s3://bucket/runs/x/checkpoint --set serve.max_batch_size=16
+    serve run pipelines.serve:app model=models:/dinomaly@champion serve.num_replicas=2    # Serve's CLI
+    serve deploy cluster/serve_config.yaml                                                # a running cluster
+
+Then: the page at http://127.0.0.1:8000/, the API docs at /docs, `curl --data-binary @img.png
+http://127.0.0.1:8000/v1/predict`. Serving options are the serve.* config keys (`--set serve.KEY=VALUE`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep every Ray socket on loopback
+
+from dinomaly.config import Config, apply_overrides, help_text, load_config  # noqa: E402
+from dinomaly.distributed import serving  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, epilog=help_text(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="checkpoint directory, s3:// prefix, models:/<name>/<version> "
+                                                       "or models:/<name>@<alias>")
+    parser.add_argument("--config", default=None, help="YAML preset or path (serve, tracking and data sections)")
+    parser.add_argument("--host", default=None, help="bind address (serve.host; default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="HTTP port (serve.port; default 8000)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. --set serve.threshold=0.05")
+    return parser.parse_args(argv)
+
+
+def app(args: dict[str, Any]):
+    """Application builder for `serve run pipelines.serve:app model=... [config=...] [serve.KEY=VALUE ...]`."""
+    args = dict(args)
+    if "model" not in args:
+        raise ValueError("pass the model: serve run pipelines.serve:app model=<checkpoint dir | models:/...>")
+    model, preset = str(args.pop("model")), args.pop("config", None)
+    config = load_config(preset, [f"{k}={v}" for k, v in args.items() if isinstance(v, str)])
+    config = apply_overrides(config, {k: v for k, v in args.items() if not isinstance(v, str)})
+    serving.check_model(model, config)
+    return serving.build_app(model, config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    overrides = {f"serve.{k}": v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    try:
+        config: Config = apply_overrides(load_config(args.config, args.set), overrides)
+        info = serving.check_model(args.model, config)  # a bad model or token set-up fails here, before Ray
+    except (ValueError, FileNotFoundError, OSError) as err:
+        print(f"error: cannot serve {args.model}: {err}", file=sys.stderr)
+        return 2
+    try:
+        url = serving.start(args.model, config)
+    except RuntimeError as err:  # a replica failed to start (e.g. out of memory); Serve gave up
+        print(f"error: the deployment failed: {err}", file=sys.stderr)
+        return 1
+    print(f"ready: {url}  model {info.name} version {info.version}, threshold {info.threshold:.6g} "
+          f"({info.threshold_source}); API docs at {url}docs; Ctrl-C stops", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        signal.pause()
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        serving.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""pipelines/evaluate.py: Ray Data scoring + per-class streamed metrics equal the core on the same maps.
+
+Real parts at toy size: a random-init tiny DINOv2-reg encoder saved with dinomaly.checkpoint.save, generated
+MVTec-layout demo data (64 px, one test image corrupted), the session's local Ray cluster, a sqlite MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from dinomaly.config import apply_overrides, load_config
+from dinomaly.metrics import METRIC_NAMES, compute_metrics
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "pipelines"))
+import evaluate as evaluate_cli  # noqa: E402
+
+CLASSES = ["nut", "pill"]
+TINY = ["model.encoder=vit_small_patch14_reg4_dinov2", "model.encoder_weights=none",
+        "model.encoder_kwargs={embed_dim: 32, num_heads: 2, depth: 10}", "model.image_size=64", "model.crop_size=56",
+        "eval.batch_size=4", "data.layout=mvtec"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Demo data (2 classes x 3 good + 3 defective test images, one good image corrupted) and a tiny checkpoint."""
+    from dinomaly import Dinomaly
+    from dinomaly.checkpoint import save
+    from dinomaly.data.demo import generate_demo_dataset
+
+    base = tmp_path_factory.mktemp("evaluate")
+    root = generate_demo_dataset(base / "demo", classes=CLASSES, train_per_class=1, test_good_per_class=3,
+                                 test_defect_per_class=3, size=64)
+    corrupt = sorted((root / "pill" / "test" / "good").glob("*.png"))[0]
+    corrupt.write_bytes(corrupt.read_bytes()[:100])  # truncated PNG
+    config = load_config(None, TINY)
+    torch.manual_seed(0)
+    checkpoint = save(base / "checkpoint", Dinomaly(config.model), config)
+    return root, checkpoint, config, corrupt
+
+
+def core_metrics(root: Path, checkpoint: Path, config) -> dict[str, dict[str, float]]:
+    """The seven metrics per class with the core alone: ManifestDataset -> Predictor -> resize_masks ->
+    compute_metrics on all maps of the class at once (the reference's all-in-memory evaluation)."""
+    from dinomaly.data.dataset import ManifestDataset, iterate_batches
+    from dinomaly.data.manifest import load_manifest, select
+    from dinomaly.inference import Predictor, resize_masks
+
+    table = select(load_manifest(apply_overrides(config, {"data.root": str(root)}).data), split="test")
+    predictor = Predictor.from_checkpoint(checkpoint)
+    parts = defaultdict(lambda: defaultdict(list))
+    for batch in iterate_batches(ManifestDataset(table, config.model), batch_size=4):
+        result = predictor.predict(batch.images)
+        masks = resize_masks(batch.masks, config.eval.resize)[:, 0].numpy()
+        for i, name in enumerate(batch.categories):
+            for key, value in (("labels", batch.labels[i].item()), ("scores", result.scores[i]),
+                               ("masks", masks[i]), ("maps", result.maps[i])):
+                parts[name][key].append(value)
+    return {name: compute_metrics(np.array(p["labels"]), np.array(p["scores"]), np.stack(p["masks"]),
+                                  np.stack(p["maps"])) for name, p in parts.items()}
+
+
+@pytest.fixture(scope="module")
+def exact_run(setup, ray_session, tmp_path_factory):
+    root, checkpoint, _, _ = setup
+    output = tmp_path_factory.mktemp("exact") / "out"
+    rc = evaluate_cli.main(["--model", str(checkpoint), "--data", str(root), "--output", str(output),
+                            "--heatmaps", "1", "--set", "eval.actors=2"])
+    assert rc == 0
+    return output, json.loads((output / "metrics.json").read_text())
+
+
+def test_metrics_equal_core_compute_metrics(setup, exact_run):
+    root, checkpoint, config, corrupt = setup
+    output, info = exact_run
+    expected = core_metrics(root, checkpoint, config)
+    assert list(info["classes"]) == CLASSES
+    for name in CLASSES:
+        for key in METRIC_NAMES:
+            assert info["classes"][name][key] == pytest.approx(expected[name][key], abs=1e-6), (name, key)
+    for key in METRIC_NAMES:  # dataset number = unweighted mean over classes (issue #12)
+        assert info["mean"][key] == pytest.approx(np.mean([expected[c][key] for c in CLASSES]), abs=1e-6)
+    # the corrupt image is reported, not dropped, and left out of the metrics
+    assert [u["uri"] for u in info["unreadable"]] == [str(corrupt)]
+    scores = pq.read_table(output / "scores.parquet").to_pylist()
+    assert len(scores) == info["images"] == 12
+    bad = [row for row in scores if row["error"]]
+    assert len(bad) == 1 and bad[0]["uri"] == str(corrupt) and math.isnan(bad[0]["score"])
+    csv_lines = (output / "per_class.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in csv_lines] == ["class", *CLASSES, "mean"]
+    assert (output / "per_class.md").read_text().startswith("| class |")
+
+
+def test_heatmaps_of_highest_scored_normal_and_defective_images(setup, exact_run):
+    output, _ = exact_run
+    scores = pq.read_table(output / "scores.parquet").to_pylist()
+    for name in CLASSES:
+        files = sorted(p.name for p in (output / "heatmaps" / name).iterdir())
+        assert "grid.png" in files and len(files) == 3
+        for kind, label in (("normal", 0), ("defect", 1)):
+            rows = [r for r in scores if r["category"] == name and r["label"] == label and not r["error"]]
+            top = max(rows, key=lambda r: r["score"])
+            assert any(f.startswith(f"{kind}_0_{Path(top['uri']).stem}-") for f in files), (name, kind, files)
+
+
+def test_class_streams_equal_all_in_memory_and_free_each_class():
+    """Batches that interleave classes in uneven sizes: each class is computed once complete and then freed;
+    'exact' equals compute_metrics on the whole class, 'streaming' is within 1e-5 (image metrics exact)."""
+    from dinomaly.distributed.batch_evaluate import ClassStreams
+
+    rng = np.random.default_rng(0)
+    count, size = 24, 32
+    labels = np.array([0, 1] * (count // 2))
+    masks = np.zeros((count, size, size), bool)
+    for i in np.flatnonzero(labels):
+        r, c = rng.integers(0, size - 8, 2)
+        masks[i, r:r + rng.integers(2, 8), c:c + rng.integers(2, 8)] = True
+    maps = (rng.random((count, size, size)) + masks * rng.random()).astype(np.float32)
+    scores = maps.reshape(count, -1).max(1)
+    categories = np.array(["a"] * 10 + ["b"] * 14, dtype=object)
+    order = np.r_[0:6, 10:16, 6:10, 16:24]  # a, b, a (a completes here), b
+    config = load_config(None)
+    for mode, tolerance in (("exact", 1e-12), ("streaming", 1e-5)):
+        streams = ClassStreams({"a": 10, "b": 14}, apply_overrides(config, {"eval.pixel_metrics": mode}), 0)
+        for start, stop in ((0, 6), (6, 12), (12, 16), (16, 24)):
+            pick = order[start:stop]
+            streams.add({"category": categories[pick], "label": labels[pick], "score": scores[pick],
+                         "mask": masks[pick], "map": maps[pick], "uri": pick.astype(str).astype(object),
+                         "error": np.full(len(pick), "", dtype=object)})
+            if stop == 16:
+                assert "a" in streams.results and "a" not in streams.open and "b" in streams.open
+        results = streams.finish()
+        assert not streams.open
+        for name, rows in (("a", slice(0, 10)), ("b", slice(10, 24))):
+            expected = compute_metrics(labels[rows], scores[rows], masks[rows], maps[rows])
+            for key in METRIC_NAMES:
+                exact_here = mode == "exact" or key.startswith("image")
+                assert results[name][key] == pytest.approx(expected[key], abs=1e-12 if exact_here else tolerance)
+
+
+def test_streaming_pixel_metrics_match_exact_and_log_to_mlflow(setup, exact_run, ray_session, mlflow_uri,
+                                                                 tmp_path):
+    """models:/ registry version, eval.pixel_metrics=streaming, --mlflow: metrics within 1e-5 of the exact run,
+    image metrics identical, and the run holds test/<class>/<metric> and the output files."""
+    from mlflow import MlflowClient
+
+    from dinomaly.distributed.tracking import RunLogger, open_run
+
+    root, checkpoint, config, _ = setup
+    _, exact = exact_run
+    tracking = {"tracking.tracking_uri": mlflow_uri, "tracking.experiment_name": "evaluate-test"}
+    registered = apply_overrides(config, tracking)
+    version = RunLogger(mlflow_uri, open_run(registered, "register"), "tiny-eval").log_final(
+        registered, rows=[], heatmaps=None, checkpoint_dir=checkpoint, tags={})
+    MlflowClient(mlflow_uri).set_registered_model_alias("tiny-eval", "champion", version)
+    output = tmp_path / "out"
+    rc = evaluate_cli.main(["--model", "models:/tiny-eval@champion", "--data", str(root), "--output", str(output),
+                            "--mlflow", "--set", "eval.pixel_metrics=streaming",
+                            *[f"--set={k}={v}" for k, v in tracking.items()]])
+    assert rc == 0
+    info = json.loads((output / "metrics.json").read_text())
+    assert info["model"]["source"] == "models:/tiny-eval@champion" and info["settings"]["pixel_metrics"] == "streaming"
+    for name in CLASSES:
+        for key in METRIC_NAMES:
+            tolerance = 0 if key.startswith("image") else 1e-5
+            assert info["classes"][name][key] == pytest.approx(exact["classes"][name][key], abs=tolerance)
+    client = MlflowClient(mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("evaluate-test").experiment_id],
+                              filter_string="attributes.run_name LIKE 'evaluate-%'")
+    assert len(runs) == 1
+    assert runs[0].data.metrics["test/mean/image_auroc"] == pytest.approx(info["mean"]["image_auroc"])
+    artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id)}
+    assert {"metrics.json", "per_class.csv", "per_class.md", "scores.parquet"} <= artifacts
+
+
+def test_official_weights_need_a_config(reference_dir, capsys):
+    rc = evaluate_cli.main(["--model", str(reference_dir / "official_checkpoint.pth"), "--data", "unused"])
+    assert rc == 2 and "--config" in capsys.readouterr().err
+
+
+def test_official_checkpoint_end_to_end_cli(setup, reference_dir, reference_model, tmp_path):
+    """The one subprocess run: `python pipelines/evaluate.py` on the official-format tiny checkpoint with its own
+    preset; its scores equal the reference model (load_official) scored in this process."""
+    from dinomaly.data.storage import read_bytes
+    from dinomaly.data.transforms import decode_image, normalize, resize_crop_image
+    from dinomaly.inference import Predictor
+
+    root = setup[0]
+    preset = tmp_path / "reference.yaml"
+    preset.write_text(
+        "model:\n  encoder: vit_small_patch14_reg4_dinov2\n  encoder_weights: none\n"
+        "  encoder_kwargs: {embed_dim: 32, num_heads: 2}\n  image_size: 84\n  crop_size: 84\n"
+        "eval:\n  batch_size: 4\n")
+    output = tmp_path / "out"
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(REPO / "pipelines" / "evaluate.py"), "--model",
+                           str(reference_dir / "official_checkpoint.pth"), "--config", str(preset), "--data", str(root),
+                           "--output", str(output)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "mean" in done.stdout and "P-AUPRO" in done.stdout
+    info = json.loads((output / "metrics.json").read_text())
+    assert info["model"]["version"] == "official" and list(info["classes"]) == CLASSES
+    assert all(0 <= info["classes"][c]["image_auroc"] <= 1 for c in CLASSES)
+    rows = [r for r in pq.read_table(output / "scores.parquet").to_pylist() if not r["error"]][:3]
+    pixels = np.stack([resize_crop_image(decode_image(read_bytes(r["uri"])), 84, 84) for r in rows])
+    expected = Predictor(reference_model, load_config(str(preset)).eval).predict(normalize(pixels)).scores
+    np.testing.assert_allclose([r["score"] for r in rows], expected, rtol=1e-5, atol=1e-6)

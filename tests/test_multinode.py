@@ -1,0 +1,128 @@
+"""Training across Ray nodes on one machine: cluster/local/multinode.sh, `ray job submit`, S3, MLflow server.
+
+The cluster is real: a head and a worker Ray node, each in its own network namespace with its own
+address (so the tests need root and `ip netns`), moto's S3 server and an `mlflow server` in the head's
+namespace. Each node offers 1 CPU and each DDP worker takes 1, so the two workers of a run land on
+different nodes and every all-reduce crosses the node boundary. Node loss is a SIGKILL of every process
+of the worker node, by PID.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from multinode_cluster import SCRIPT, TINY_TRAIN_SETTINGS, LocalCluster, netns_available
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900),
+              pytest.mark.skipif(not netns_available(), reason="needs root and a working `ip netns`: each Ray "
+                                 "node gets its own network namespace (cluster/local/multinode.sh)")]
+
+JOB_TIMEOUT_S = 600
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Head + one worker node, S3 bucket with a one-class demo dataset, MLflow server; all stopped after."""
+    from dinomaly.data.demo import generate_demo_dataset
+
+    if not SCRIPT.exists():
+        pytest.fail(f"{SCRIPT} is missing")
+    local = LocalCluster(workers=1, cpus_per_node=1)
+    try:
+        local.up()
+        data = generate_demo_dataset(tmp_path_factory.mktemp("demo"), classes=["nut"], train_per_class=16,
+                                     test_good_per_class=2, test_defect_per_class=2, size=64)
+        local.data_uri = local.upload(data, "data/demo")
+        yield local
+    finally:
+        local.down()
+        shutil.rmtree(local.state_dir, ignore_errors=True)
+
+
+def train_command(cluster: LocalCluster, name: str, steps: int, max_failures: int) -> list[str]:
+    bucket = cluster.settings["BUCKET"]
+    settings = [*TINY_TRAIN_SETTINGS, "train.checkpoint_every=10", "train.log_every=10",
+                f"train.max_failures={max_failures}"]
+    return ["python", "pipelines/train.py", "--config", "demo", "--data", cluster.data_uri, "--workers", "2",
+            "--steps", str(steps), "--batch-size", "4", "--storage-path", f"s3://{bucket}/checkpoints",
+            "--name", name, "--output", str(cluster.state_dir / "out" / name),
+            *[arg for setting in settings for arg in ("--set", setting)]]
+
+
+def kill_worker_node_mid_run(cluster: LocalCluster, name: str) -> list[dict]:
+    """Wait for the run's first checkpoint with a worker on node w1, then SIGKILL every w1 process."""
+    keys = cluster.wait_for_checkpoint(f"checkpoints/{name}/", timeout_s=JOB_TIMEOUT_S)
+    assert any("/checkpoint_" in key for key in keys), f"no checkpoint of {name} appeared: {keys}"
+    workers = cluster.train_workers(name)
+    assert {w["node"] for w in workers if w["state"] == "ALIVE"} == {"head", "w1"}, workers
+    assert cluster.kill_node("w1"), "node w1 had no processes to kill"
+    assert cluster.node_pids("w1") == []
+    return workers
+
+
+def mlflow_run(cluster: LocalCluster, name: str) -> dict:
+    """The MLflow run of this name, read back from the server with MlflowClient."""
+    return cluster.python_json("""
+        import json, os, sys
+        from mlflow import MlflowClient
+        client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+        experiment = client.get_experiment_by_name("dinomaly-demo")
+        runs = client.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{sys.argv[1]}'")
+        run = runs[0]
+        print(json.dumps(dict(status=run.info.status, metrics=sorted(run.data.metrics),
+                              losses=len(client.get_metric_history(run.info.run_id, "loss")),
+                              artifact_uri=run.info.artifact_uri, run_id=run.info.run_id,
+                              artifacts=[f.path for f in client.list_artifacts(run.info.run_id)])))
+    """, name)
+
+
+def test_ddp_across_nodes_survives_losing_a_node(cluster):
+    """Both nodes host a DDP worker; the worker node is killed mid-run and replaced; the run restores from
+    its latest S3 checkpoint (train.max_failures) and finishes; checkpoints in S3, metrics in MLflow."""
+    name, steps = "restore", 150  # long enough that the kill lands mid-run on a fast machine too
+    cluster.submit(name, train_command(cluster, name, steps, max_failures=2))
+    before = kill_worker_node_mid_run(cluster, name)
+    cluster.start_node("w1")  # the replacement node (a restarted pod, a new cloud instance)
+
+    status = cluster.wait_job(name, timeout_s=JOB_TIMEOUT_S)
+    assert status == "SUCCEEDED", cluster.job_logs(name)[-5000:]
+    outputs = json.loads((cluster.state_dir / "out" / name / "metrics.json").read_text())
+    assert outputs["step"] == steps
+    assert set(outputs["metrics"]["mean"]) >= {"image_auroc", "pixel_auroc", "pixel_aupro"}
+
+    workers = cluster.train_workers(name)
+    assert len(workers) >= 4, f"expected a second worker group after the node loss: {workers}"
+    assert {w["node"] for w in workers} == {"head", "w1"}
+    restored = [w for w in workers if w["pid"] not in {b["pid"] for b in before}]
+    assert {w["node"] for w in restored} == {"head", "w1"}, "the restored group did not span both nodes"
+    assert {w["node_ip"] for w in workers} == {cluster.settings["HEAD_IP"], cluster.settings["NET"] + ".2"}
+
+    keys = cluster.bucket_keys(f"checkpoints/{name}/")
+    assert f"checkpoints/{name}/checkpoint_{steps:07d}/model.safetensors" in keys, keys
+
+    run = mlflow_run(cluster, name)
+    assert run["status"] == "FINISHED"
+    assert run["losses"] >= steps // 10
+    assert {"loss", "lr", "test/mean/image_auroc"} <= set(run["metrics"])
+    assert run["artifacts"], "the run logged no artifacts"
+    artifact_keys = cluster.bucket_keys("mlartifacts/")
+    assert any(run["run_id"] in key for key in artifact_keys), "MLflow artifacts did not land in the bucket"
+
+
+def test_losing_a_node_without_retries_fails_clearly(cluster):
+    """train.max_failures=0: killing the worker node fails the job with Ray Train's worker-group error."""
+    name = "no-retries"
+    cluster.submit(name, train_command(cluster, name, steps=400, max_failures=0))
+    try:
+        kill_worker_node_mid_run(cluster, name)
+        status = cluster.wait_job(name, timeout_s=JOB_TIMEOUT_S)
+    finally:
+        if not cluster.node_pids("w1"):
+            cluster.start_node("w1")
+    logs = cluster.job_logs(name)
+    assert status == "FAILED", logs[-5000:]
+    assert "Training failed due to worker errors" in logs
+    assert not Path(cluster.state_dir / "out" / name / "metrics.json").exists()

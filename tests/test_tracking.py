@@ -1,0 +1,129 @@
+"""MLflow tracking (real sqlite store), thresholds, heatmap overlays and the class split of evaluation.
+
+No Ray here: the worker-side logger is exercised directly; tests/test_training.py checks a whole run.
+"""
+
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dinomaly.config import Config, TrackingConfig, apply_overrides
+from dinomaly.distributed.evaluation import assign_classes
+from dinomaly.distributed.tracking import (
+    RUN_NAME_TAG,
+    NullRunLogger,
+    RunLogger,
+    close_run,
+    default_artifact_location,
+    open_run,
+    resolve_tracking_uri,
+    run_logger,
+)
+from dinomaly.thresholds import f1_optimal_threshold, normal_quantile_threshold
+from dinomaly.visualize import colorize, image_grid, overlay
+
+
+def test_tracking_uri_is_absolute_and_env_or_config_wins(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri(TrackingConfig(), cwd=tmp_path) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///sub/x.db")
+    assert resolve_tracking_uri(TrackingConfig(), cwd=tmp_path) == f"sqlite:///{tmp_path / 'sub' / 'x.db'}"
+    assert resolve_tracking_uri(TrackingConfig(tracking_uri="http://127.0.0.1:5000")) == "http://127.0.0.1:5000"
+    with pytest.raises(ValueError, match="no scheme"):
+        resolve_tracking_uri(TrackingConfig(tracking_uri="mlruns"))
+    assert default_artifact_location(f"sqlite:///{tmp_path}/m.db") == (tmp_path / "mlartifacts").as_uri()
+    assert default_artifact_location("http://127.0.0.1:5000") is None
+
+
+def tracked_config(uri: str) -> Config:
+    return apply_overrides(Config(), {"name": "r1", "tracking.tracking_uri": uri, "tracking.experiment_name": "exp",
+                                      "tracking.registered_model_name": "dino-test"})
+
+
+def test_open_run_logs_params_and_reopens_an_unfinished_run(mlflow_uri):
+    from mlflow import MlflowClient
+
+    config = tracked_config(mlflow_uri)
+    run_id = open_run(config, "r1")
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(run_id)
+    assert run.data.params["train.batch_size"] == "16" and run.data.params["model.encoder"] == config.model.encoder
+    assert run.data.params["git_commit"]
+    assert run.data.tags[RUN_NAME_TAG] == "r1"
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.artifact_location == default_artifact_location(mlflow_uri)  # not inside a Ray session dir
+    assert open_run(config, "r1") == run_id  # resumed Ray run: same MLflow run
+    close_run(mlflow_uri, run_id, status="KILLED")  # stopped early: a resume continues it
+    assert open_run(config, "r1") == run_id
+    close_run(mlflow_uri, run_id)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert open_run(config, "r1") != run_id  # a finished run is never appended to
+
+
+def test_run_logger_writes_metrics_artifacts_and_registers_the_checkpoint(mlflow_uri, tmp_path):
+    from mlflow import MlflowClient
+
+    config = tracked_config(mlflow_uri)
+    run_id = open_run(config, "r1")
+    assert isinstance(run_logger(config, run_id, rank=1), NullRunLogger)
+    assert not isinstance(run_logger(config, run_id, rank=1), RunLogger)
+    disabled = apply_overrides(config, {"tracking.enabled": False})
+    assert not isinstance(run_logger(disabled, run_id, rank=0), RunLogger)
+    tracker = run_logger(config, run_id, rank=0)
+    tracker.log_steps([{"step": 5, "loss": 0.5, "lr": 1e-3}, {"step": 10, "loss": 0.25, "lr": 2e-3}])
+    tracker.log_evaluation(10, {"nut": {"image_auroc": 0.75}, "mean": {"image_auroc": 0.8}})
+    checkpoint = tmp_path / "ck"
+    checkpoint.mkdir()
+    (checkpoint / "model.safetensors").write_bytes(b"weights")
+    rows = [{"class": "nut", **{k: 0.5 for k in METRICS}}, {"class": "mean", **{k: 0.5 for k in METRICS}}]
+    version = tracker.log_final(config, rows, Image.new("RGB", (8, 8)), checkpoint, {"threshold_image_f1_optimal": 0.3})
+    client = MlflowClient(mlflow_uri)
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(5, 0.5), (10, 0.25)]
+    assert client.get_run(run_id).data.metrics["test/mean/image_auroc"] == 0.8
+    assert {a.path for a in client.list_artifacts(run_id)} == {"config.yaml", "per_class.csv", "per_class.md",
+                                                               "heatmaps.png", "checkpoint"}
+    assert [a.path for a in client.list_artifacts(run_id, "checkpoint")] == ["checkpoint/model.safetensors"]
+    registered = client.get_model_version("dino-test", version)
+    assert registered.run_id == run_id and registered.source.endswith("/checkpoint")
+    assert registered.tags["threshold_image_f1_optimal"] == "0.3"
+
+
+METRICS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro")
+
+
+def test_f1_optimal_threshold_by_hand():
+    # sorted: 0.9(1) 0.8(1) 0.4(0) 0.35(1) 0.2(0) 0.1(0); cut at 0.35: P = 3/4, R = 1 -> F1 = 6/7 (best)
+    labels, scores = [0, 0, 1, 1, 0, 1], [0.1, 0.4, 0.35, 0.8, 0.2, 0.9]
+    threshold, f1 = f1_optimal_threshold(labels, scores)
+    assert threshold == 0.35 and f1 == pytest.approx(6 / 7)
+    # tied scores are cut together: {0.5 (1), 0.5 (0)} can only be taken both or neither
+    assert f1_optimal_threshold([1, 0, 0], [0.5, 0.5, 0.1]) == (0.5, pytest.approx(2 / 3))
+    assert all(math.isnan(v) for v in f1_optimal_threshold([0, 0], [0.1, 0.2]))
+
+
+def test_normal_quantile_threshold_uses_normal_images_only():
+    assert normal_quantile_threshold([0, 1, 0, 0, 1], [0.1, 9.0, 0.4, 0.2, 8.0], 0.5) == pytest.approx(0.2)
+    assert normal_quantile_threshold([0, 0], [0.1, 0.3], 1.0) == pytest.approx(0.3)
+    assert math.isnan(normal_quantile_threshold([1], [0.5]))
+    with pytest.raises(ValueError, match="quantile"):
+        normal_quantile_threshold([0], [0.5], 0.0)
+
+
+def test_overlay_colours_and_mask_outline():
+    ramp = colorize(np.array([[0.0, 1.0]]), 0.0, 1.0)
+    assert ramp[0, 0].tolist() == [0, 0, 128] and ramp[0, 1].tolist() == [128, 0, 0]  # jet ends
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 4:12] = 1
+    tile = np.asarray(overlay(np.zeros((16, 16, 3), np.uint8), np.zeros((4, 4)), 0.0, 1.0, mask))
+    assert tile[4, 6].tolist() == [0, 255, 0] and tile[0, 0].tolist() != [0, 255, 0]  # outline only
+    grid = image_grid([[Image.fromarray(tile)] * 2] * 3, captions=["a", "b", "c"])
+    assert grid.size == (2 * 20 + 4, 3 * (16 + 4 + 12) + 4)
+
+
+def test_assign_classes_balances_images_over_ranks():
+    shares = assign_classes({"a": 10, "b": 9, "c": 5, "d": 4}, 2)
+    assert sorted(sum(shares, [])) == ["a", "b", "c", "d"]
+    assert shares == [["a", "d"], ["b", "c"]]  # 14 vs 14 images
+    assert assign_classes({"a": 3}, 2) == [["a"], []]

@@ -1,0 +1,249 @@
+"""Ray Tune sweeps end to end on the session's local Ray, with a real sqlite MLflow store.
+
+Each trial is a real Ray Train run (1 worker) of the demo preset's tiny model on the demo data at 56 px,
+4 steps, evaluated twice; one costs ~15-20 s on 2 cores, so each module fixture runs one sweep and
+several tests read it. Three sweeps run: a 4-trial grid (a good, a diverging, a good and a bad learning
+rate: ASHA, failure handling, ranking, MLflow, registry), a 2-trial sweep interrupted by a signal and
+resumed, and an all-failing sweep through pipelines/tune.py (its trials fail before any Train run starts).
+"""
+
+import csv
+import json
+import os
+import shutil
+import signal
+import threading
+
+import pyarrow as pa
+import pytest
+from conftest import REPO
+from ray import tune
+
+from dinomaly.config import load_config
+from dinomaly.distributed.launch import prepare_config
+from dinomaly.distributed.trial import decode_params, evaluation_steps
+from dinomaly.distributed.tuning import check_search_space, holdout_split, run_sweep
+
+slow = pytest.mark.slow
+REGISTERED = "tune-test"
+# grid order = start order; with 2 trials at a time the bad lr (last) starts only after a good one finished
+LR_GRID = "grid({lr: 0.002}, {lr: 10.0, warmup_steps: 0}, {lr: 0.004}, {lr: 0.5})"
+GROUPINGS = "choice([[0, 1, 2, 3], [4, 5, 6, 7]], [[0, 1], [2, 3], [4, 5], [6, 7]])"
+
+
+def test_search_space_is_checked_on_the_driver_with_the_fix_named():
+    """Before any Ray work: unknown keys, values invalid alone, malformed specs; linked keys as one mapping."""
+    def check(space, **overrides):
+        check_search_space(load_config("demo", {"tune.search_space": space, **overrides}))
+
+    with pytest.raises(ValueError, match="did you mean 'model.bottleneck_dropout'"):
+        check({"model.dropout": "uniform(0.0, 0.6)"})
+    with pytest.raises(ValueError, match="put linked keys in one mapping"):
+        check({"model.decoder_depth": "choice(4, 8)"})
+    with pytest.raises(ValueError, match="uniform takes two numbers"):
+        check({"model.bottleneck_dropout": "uniform(0.3)"})
+    with pytest.raises(ValueError, match="unknown or malformed search kind"):
+        check({"train.lr": "logrange(1e-4, 1e-2)"})
+    with pytest.raises(ValueError, match="choose from"):
+        check({"train.lr": "loguniform(1e-4, 1e-2)"}, **{"tune.metrics": ["image_auc"]})
+    linked = "choice({decoder_depth: 4, target_layers: [6, 7, 8, 9], fuse_groups: [[0, 1], [2, 3]]}, {})"
+    check({"model": linked, "train.lr": "loguniform(1e-4, 1e-2)", "model.fuse_groups": "choice([[0, 1, 2, 3, 4, 5, 6, 7]])"})
+    check(load_config("demo").tune.search_space)  # the default space
+
+
+def test_sampled_values_become_config_overrides():
+    space = {"model": "choice({decoder_depth: 4, target_layers: [6, 7, 8, 9]})", "model.fuse_groups": "grid([[0], [1]])",
+             "train.lr": "loguniform(1e-4, 1e-2)"}
+    params = {"model": json.dumps({"decoder_depth": 4, "target_layers": [6, 7, 8, 9]}),
+              "model.fuse_groups": json.dumps([[0], [1]]), "train.lr": 0.001}
+    assert decode_params(params, space) == {"model.decoder_depth": 4, "model.target_layers": [6, 7, 8, 9],
+                                            "model.fuse_groups": [[0], [1]], "train.lr": 0.001}
+    assert evaluation_steps(10, 4) == [2, 5, 8, 10] and evaluation_steps(3, 4) == [1, 2, 3]
+
+
+def test_holdout_split_keeps_evenly_spaced_normals_of_every_class_out_of_training():
+    uris = [f"/d/{c}/train/good/{i:03d}.png" for c in ("a", "b") for i in range(10)]
+    rows = pa.table({"image_uri": uris, "category": [u.split("/")[2] for u in uris]})
+    train, held = holdout_split(rows, 0.2)
+    assert held.column("image_uri").to_pylist() == ["/d/a/train/good/002.png", "/d/a/train/good/007.png",
+                                                     "/d/b/train/good/002.png", "/d/b/train/good/007.png"]
+    assert train.num_rows == 16 and not set(train.column("image_uri").to_pylist()) & set(held.column("image_uri").to_pylist())
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, mlflow_template):
+    """A folder with a private copy of the migrated MLflow template."""
+    folder = tmp_path_factory.mktemp("tune")
+    shutil.copyfile(mlflow_template, folder / "mlflow.db")
+    return folder
+
+
+def sweep_config(workspace, demo_root, name, space, **overrides):
+    values = {"name": name, "output_root": str(workspace / "runs"), "data.root": str(demo_root),
+              "model.image_size": 64, "model.crop_size": 56, "train.batch_size": 4, "train.total_steps": 4,
+              "train.warmup_steps": 1, "train.hard_mining_ramp_steps": 4, "train.log_every": 1,
+              "tune.evaluations": 2, "tune.grace_period": 1, "tune.max_concurrent_trials": 2, "tune.num_samples": 1,
+              "tune.search_space": space, "tracking.tracking_uri": f"sqlite:///{workspace / 'mlflow.db'}",
+              "tracking.registered_model_name": REGISTERED, "tracking.heatmap_images": 0}
+    values.update(overrides)
+    return prepare_config(load_config("demo", values))
+
+
+@pytest.fixture(scope="module")
+def grid_sweep(ray_session, workspace, demo_root):
+    config = sweep_config(workspace, demo_root, "grid", {"train": LR_GRID, "model.fuse_groups": GROUPINGS})
+    return config, run_sweep(config)
+
+
+def rows_by_lr(outcome):
+    return {json.loads(row["config/train"])["lr"]: row for row in outcome.rows}
+
+
+@slow
+def test_sweep_finishes_ranks_all_trials_and_reports_the_best(grid_sweep, workspace):
+    config, outcome = grid_sweep
+    assert len(outcome.rows) == 4 and not outcome.interrupted and outcome.objective == "labelled"
+    by_lr = rows_by_lr(outcome)
+    best = outcome.best
+    assert best is outcome.rows[0] and json.loads(best["config/train"])["lr"] in (0.002, 0.004)
+    assert best["status"] in ("completed", "early_stopped") and 0.0 <= best["objective"] <= 1.0
+    assert best["objective"] == pytest.approx((best["mean_image_auroc"] + best["mean_pixel_aupro"]) / 2)
+    assert json.loads(best["config/model.fuse_groups"]) in ([[0, 1, 2, 3], [4, 5, 6, 7]],
+                                                           [[0, 1], [2, 3], [4, 5], [6, 7]])
+    assert os.path.isfile(os.path.join(best["checkpoint"], "model.safetensors"))
+    # the first good trial at a rung cannot be stopped there: one of them runs to the end
+    assert "completed" in (by_lr[0.002]["status"], by_lr[0.004]["status"])
+    # ranking files: the same rows, best first
+    folder = workspace / "runs" / "grid"
+    with open(folder / "tune_results.csv") as handle:
+        table = list(csv.DictReader(handle))
+    assert [r["trial_id"] for r in table] == [r["trial_id"] for r in outcome.rows]
+    saved = json.loads((folder / "tune_results.json").read_text())
+    assert saved["best"]["trial_id"] == best["trial_id"] and saved["counts"]["failed"] == 1
+
+
+@slow
+def test_asha_stops_the_bad_learning_rate_early(grid_sweep):
+    _, outcome = grid_sweep
+    bad, good = rows_by_lr(outcome)[0.5], rows_by_lr(outcome)[0.002]
+    assert bad["status"] == "early_stopped" and bad["evaluations"] == 1 and bad["step"] == 2
+    assert bad["objective"] < good["objective"]
+
+
+@slow
+def test_a_diverging_trial_fails_with_its_reason_and_the_sweep_goes_on(grid_sweep):
+    _, outcome = grid_sweep
+    diverged = rows_by_lr(outcome)[10.0]
+    assert diverged["status"] == "failed" and diverged["rank"] == 4
+    assert "diverged at step 2" in diverged["error"] and "nan" in diverged["error"]
+    assert sum(row["status"] != "failed" for row in outcome.rows) == 3
+
+
+@slow
+def test_mlflow_parent_run_child_runs_and_champion(grid_sweep):
+    from mlflow import MlflowClient
+
+    config, outcome = grid_sweep
+    client = MlflowClient(config.tracking.tracking_uri)
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.data.params["space.train"] == LR_GRID and parent.info.status == "FINISHED"
+    assert parent.data.metrics["best_objective"] == pytest.approx(outcome.best["objective"])
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"tune_results.csv", "tune_results.json",
+                                                                          "search_space.json"}
+    experiment = parent.info.experiment_id
+    children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == 4
+    status = {run.data.tags["dinomaly.trial_id"]: run for run in children}
+    for row in outcome.rows:
+        run = status[row["trial_id"]]
+        assert run.info.status == ("FAILED" if row["status"] == "failed" else "FINISHED")
+        assert json.loads(run.data.params["train.lr"]) == json.loads(row["config/train"])["lr"]
+        history = client.get_metric_history(run.info.run_id, "objective")
+        assert [m.step for m in history] == [2, 4][:row["evaluations"]]
+    failed = status[rows_by_lr(outcome)[10.0]["trial_id"]]
+    assert "diverged" in failed.data.tags["tune.error"]
+    champion = client.get_model_version_by_alias(REGISTERED, "champion")
+    assert outcome.champion and str(champion.version) == outcome.registered_version
+    assert champion.run_id == outcome.best["mlflow_run_id"]
+    assert float(champion.tags["objective"]) == pytest.approx(outcome.best["objective"])
+
+
+FIRED = threading.Event()  # module level: a callback restored by Tuner.restore must not fire again
+
+
+class InterruptOnce(tune.Callback):
+    """Sends this process SIGUSR1 (Tune treats it as Ctrl-C) once a trial finished while another is mid-way."""
+
+    def __init__(self):
+        self.finished, self.reported = set(), set()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.reported.add(trial.trial_id)
+        self._maybe_interrupt()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.finished.add(trial.trial_id)
+        self._maybe_interrupt()
+
+    def _maybe_interrupt(self):
+        if self.finished and self.reported - self.finished and not FIRED.is_set():
+            FIRED.set()
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+@slow
+def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_session, workspace, demo_root):
+    """Holdout-loss objective, one trial at a time: the interrupt comes at the second trial's first evaluation."""
+    from mlflow import MlflowClient
+
+    config = sweep_config(workspace, demo_root, "resumable", {"model.bottleneck_dropout": "grid(0.1, 0.3)"},
+                          **{"tune.objective": "holdout_loss", "tune.scheduler": "fifo", "train.total_steps": 8,
+                             "tune.max_concurrent_trials": 1, "tracking.registered_model_name": ""})
+    first = run_sweep(config, callbacks=[InterruptOnce()])
+    assert FIRED.is_set() and first.interrupted
+    statuses = {row["trial_id"]: row["status"] for row in first.rows}
+    assert sorted(statuses.values()) == ["completed", "interrupted"]
+    done = next(t for t, s in statuses.items() if s == "completed")
+    resumed = next(t for t in statuses if t != done)
+    client = MlflowClient(config.tracking.tracking_uri)
+    runs = {r.data.tags["dinomaly.trial_id"]: r.info.run_id
+            for r in client.search_runs([client.get_experiment_by_name("dinomaly-demo").experiment_id],
+                                        "tags.`dinomaly.sweep` = 'resumable' and tags.`dinomaly.role` = 'trial'")}
+    before = [(m.step, m.timestamp) for m in client.get_metric_history(runs[done], "loss")]
+    assert [step for step, _ in before] == list(range(1, 9))
+
+    with pytest.raises(ValueError, match="pass --resume"):
+        run_sweep(config)
+    second = run_sweep(config, resume=True)
+    assert not second.interrupted and {row["status"] for row in second.rows} == {"completed"}
+    assert second.objective == "holdout_loss" and second.mode == "min" and second.best["holdout_loss"] > 0
+    after = [(m.step, m.timestamp) for m in client.get_metric_history(runs[done], "loss")]
+    assert after == before  # the finished trial did not train again
+    steps = [m.step for m in client.get_metric_history(runs[resumed], "loss")]
+    assert steps == list(range(1, 9))  # continued from its step-4 checkpoint: no step trained twice
+    assert client.get_run(runs[resumed]).info.status == "FINISHED"
+
+
+@slow
+def test_a_sweep_where_every_trial_fails_ends_with_a_summary(ray_session, workspace, demo_root, capsys):
+    """Through pipelines/tune.py: each value is valid alone, every combination fails in the trial (warm-up
+    longer than the run), so the sweep ends with exit status 1 and the reasons, not a traceback."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tune_pipeline", REPO / "pipelines" / "tune.py")
+    pipeline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pipeline)
+    args = ["--config", "demo", "--space", "train.total_steps=grid(2, 3)", "--space", "train.warmup_steps=grid(3)",
+            "--num-samples", "1"]
+    values = {"name": "all-fail", "output_root": str(workspace / "runs"), "data.root": str(demo_root),
+              "model.image_size": 64, "model.crop_size": 56, "train.batch_size": 4, "train.total_steps": 4,
+              "train.warmup_steps": 1, "tune.evaluations": 2, "tune.feature_cache": False,
+              "tune.max_concurrent_trials": 2, "tracking.enabled": False}
+    for key, value in values.items():
+        args += ["--set", f"{key}={value}"]
+    assert pipeline.main(args) == 1
+    out = capsys.readouterr().out
+    assert "no trial succeeded: 2 of 2 trials failed" in out
+    assert out.count("train.warmup_steps=3 must be in [0, train.total_steps=") >= 2
+    with open(workspace / "runs" / "all-fail" / "tune_results.csv") as handle:
+        assert [row["status"] for row in csv.DictReader(handle)] == ["failed", "failed"]
