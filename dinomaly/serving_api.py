@@ -102,9 +102,10 @@ def _as_threshold(value: Any, where: str) -> float:
 
 
 def _find_method(table: Mapping[str, Any], method: str) -> str | None:
-    """The key of `method` in a flat table: 'image_f1_optimal', 'thresholds.image_f1_optimal', '.../image_f1_optimal'."""
+    """The key of `method` in a flat table: 'image_f1_optimal', 'threshold_image_f1_optimal' (what training
+    tags registry versions with), 'thresholds.image_f1_optimal' or 'thresholds/image_f1_optimal'."""
     for key in table:
-        if key == method or key.replace("/", ".").rsplit(".", 1)[-1] == method:
+        if key.replace("/", ".").rsplit(".", 1)[-1] in (method, f"threshold_{method}"):
             return key
     return None
 
@@ -114,8 +115,9 @@ def resolve_threshold(override: float | None, method: str, metadata: Mapping[str
     """(threshold, where it came from): serve.threshold, then registry version tags, then checkpoint metadata.
 
     `method` ('image_f1_optimal' or 'image_normal_quantile', the names training writes) is looked up as
-    a tag (bare or with a 'thresholds.' prefix), then in metadata["thresholds"] or at the top level of
-    metadata; a plain 'threshold' tag or metadata key is the last resort. Raises ValueError when there
+    a registry tag ('threshold_<method>', as dinomaly.distributed.training registers it, or bare), then in
+    metadata["thresholds"] (what training saves) or at the top level of metadata; a plain 'threshold' tag
+    or metadata key is the last resort. Raises ValueError when there
     is none: a verdict needs a threshold, so this is a start-up error.
     """
     if override is not None:

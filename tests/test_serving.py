@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -35,9 +36,10 @@ def test_threshold_resolution_order():
     metadata = {"thresholds": {"image_f1_optimal": 0.2, "image_normal_quantile": 0.3, "normal_quantile": 0.99}}
     assert resolve_threshold(None, "image_f1_optimal", metadata) == (0.2, "metadata thresholds image_f1_optimal")
     assert resolve_threshold(None, "image_normal_quantile", metadata)[0] == 0.3
-    tags = {"thresholds.image_f1_optimal": "0.25"}
+    tags = {"threshold_image_f1_optimal": "0.25", "mean_image_auroc": "0.9"}  # as training tags versions
     assert resolve_threshold(None, "image_f1_optimal", metadata, tags) == (
-        0.25, "registry tag thresholds.image_f1_optimal")
+        0.25, "registry tag threshold_image_f1_optimal")
+    assert resolve_threshold(None, "image_f1_optimal", {}, {"thresholds.image_f1_optimal": "0.1"})[0] == 0.1
     assert resolve_threshold(0.5, "image_f1_optimal", metadata, tags) == (0.5, "serve.threshold")
     with pytest.raises(ValueError, match="serve.threshold"):
         resolve_threshold(None, "image_f1_optimal", {"step": 3})
@@ -245,7 +247,7 @@ def test_bad_input_gets_4xx_json_and_service_keeps_serving(serve_app, case):
 
 
 @pytest.fixture(scope="module")
-def registry_app(serve_app, tmp_path_factory):
+def registry_app(serve_app, mlflow_template, tmp_path_factory):
     """The same checkpoint registered in a fresh sqlite MLflow store (the training code's own calls),
     aliased 'champion', served from models:/tiny-registry@champion with a bearer token from a file."""
     from mlflow import MlflowClient
@@ -255,6 +257,7 @@ def registry_app(serve_app, tmp_path_factory):
     from dinomaly.distributed.tracking import RunLogger, open_run
 
     root = tmp_path_factory.mktemp("registry")
+    shutil.copyfile(mlflow_template, root / "mlflow.db")
     token_file = root / "token"
     token_file.write_text(TOKEN + "\n")
     config = apply_overrides(serve_app.config, {
@@ -264,7 +267,7 @@ def registry_app(serve_app, tmp_path_factory):
     registry_threshold = min(serve_app.expected_scores.values()) / 2  # every image anomalous
     version = RunLogger(config.tracking.tracking_uri, run_id, REGISTERED).log_final(
         config, rows=[], heatmaps=None, checkpoint_dir=serve_app.checkpoint,
-        tags={"image_f1_optimal": registry_threshold})
+        tags={"threshold_image_f1_optimal": registry_threshold, "normal_quantile": 0.99})
     MlflowClient(config.tracking.tracking_uri).set_registered_model_alias(REGISTERED, "champion", version)
     serve.run(build_app(f"models:/{REGISTERED}@champion", config), name="secure", route_prefix="/secure")
     serve_app.apps.append("secure")
@@ -291,5 +294,5 @@ def test_registry_alias_with_auth(registry_app, serve_app):
     assert body["threshold"] == pytest.approx(registry_threshold) and body["is_anomalous"] is True
     info = requests.get(f"{url}v1/model", headers=auth, timeout=30).json()
     assert info["source"] == f"models:/{REGISTERED}@champion" and info["auth"] is True
-    assert info["threshold_source"] == "registry tag image_f1_optimal"
+    assert info["threshold_source"] == "registry tag threshold_image_f1_optimal"
     assert not math.isnan(info["threshold"])
