@@ -57,7 +57,9 @@ class LocalCluster:
         self.settings = dict(line.split("=", 1) for line in lines if "=" in line)
 
     def down(self) -> None:
+        """Stop everything (by PID, namespaces removed), then delete the state dir and its logs."""
         self.run("down", timeout_s=180, check=False)
+        shutil.rmtree(self.state_dir, ignore_errors=True)
 
     def python(self, code: str, *args: str, timeout_s: float = 300) -> str:
         """Run Python code inside the head's namespace with the cluster's env; returns its stdout."""

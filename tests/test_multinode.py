@@ -10,7 +10,6 @@ of the worker node, by PID.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -39,7 +38,6 @@ def cluster(tmp_path_factory):
         yield local
     finally:
         local.down()
-        shutil.rmtree(local.state_dir, ignore_errors=True)
 
 
 def train_command(cluster: LocalCluster, name: str, steps: int, max_failures: int) -> list[str]:
