@@ -536,9 +536,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     tree: dict[str, Any] = {}
     if path:
         p = Path(path)
-        if not p.exists() and (CONFIG_DIR / f"{path}.yaml").exists():
+        if not p.is_file() and (CONFIG_DIR / f"{path}.yaml").exists():
             p = CONFIG_DIR / f"{path}.yaml"
-        if not p.exists():
+        if not p.is_file():
             presets = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
             raise FileNotFoundError(f"config '{path}' not found; pass a YAML file or a preset: {presets}")
         tree = yaml.safe_load(p.read_text()) or {}

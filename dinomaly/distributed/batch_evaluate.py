@@ -157,7 +157,8 @@ def evaluate(bundle_ref, config: Config, table: pa.Table, heatmaps: int = 0) -> 
     parts, start = [], time.perf_counter()
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
         streams.add(batch)
-        parts.append(pa.table({k: batch[k] for k in SCORE_COLUMNS}))
+        # copies: a zero-copy view would pin the whole block (maps included) in the object store
+        parts.append(pa.table({k: np.array(batch[k]) for k in SCORE_COLUMNS}))
     seconds = time.perf_counter() - start
     results = streams.finish()
     scores = pa.concat_tables(parts) if parts else pa.table({k: [] for k in SCORE_COLUMNS})

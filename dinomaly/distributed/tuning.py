@@ -264,7 +264,11 @@ def run_sweep(config: Config, *, resume: bool = False, output_dir: str | Path | 
                                    storage_filesystem=filesystem)
     else:
         tuner = _tuner(config, spec, mode, list(callbacks or []))
-    grid = tuner.fit()
+    before = _placement_groups()
+    try:
+        grid = tuner.fit()
+    finally:
+        reap_placement_groups(before)
     rows, interrupted = rank_trials(grid, config, mode)
     outcome = SweepOutcome(rows=rows, objective=objective, mode=mode, experiment_path=path,
                            interrupted=interrupted, parent_run_id=parent)
@@ -272,6 +276,33 @@ def run_sweep(config: Config, *, resume: bool = False, output_dir: str | Path | 
         finish_tracking(config, outcome)
     outcome.files = write_results(outcome, Path(output_dir) if output_dir else _local_folder(path))
     return outcome
+
+
+def _placement_groups() -> set[str]:
+    import ray
+
+    return set(ray.util.placement_group_table())
+
+
+def reap_placement_groups(before: set[str]) -> int:
+    """Remove this job's placement groups made during the sweep and still reserved after it; their count.
+
+    When Tune stops a trial (ASHA, an interrupt) its Train controller dies with it, and Ray Train frees the
+    workers' placement group only if its cleaner can reach the dashboard's State API; without one (e.g.
+    ray.init(include_dashboard=False)) the CPUs stay reserved for the rest of the job. Once fit() returns
+    no trial of this job runs, so what is left is such a leak. Placement group ids end in their job id.
+    """
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    job = ray.get_runtime_context().get_job_id()
+    leaked = [pg for pg, info in ray.util.placement_group_table().items()
+              if pg not in before and info["state"] == "CREATED" and pg.endswith(job)]
+    for pg in leaked:
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg))))
+    if leaked:
+        logger.info("freed %d placement groups of stopped trials (no Ray State API to do it)", len(leaked))
+    return len(leaked)
 
 
 def _local_folder(path: str) -> Path | None:
