@@ -45,7 +45,7 @@ def bench_config(work: Path, root: Path, args, name: str, cache: bool) -> Config
         "model.encoder": encoder, "model.encoder_kwargs": kwargs, "model.image_size": size,
         "name": name, "output_root": str(work / "runs"), "data.root": str(root),
         "model.crop_size": crop, "train.total_steps": args.steps, "train.warmup_steps": 2, "train.batch_size": 8,
-        "train.log_every": args.steps, "tune.evaluations": 2, "tune.scheduler": "fifo",
+        "train.log_every": args.steps, "train.cpus_per_worker": 0.9, "tune.evaluations": 2, "tune.scheduler": "fifo",
         "tune.num_samples": args.trials, "tune.max_concurrent_trials": args.cpus, "tune.feature_cache": cache,
         "tune.search_space": {"model.bottleneck_dropout": "uniform(0.0, 0.6)"}, "tracking.enabled": False})
 
