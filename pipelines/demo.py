@@ -56,10 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     progress = ProgressFormatter()
     outcome = launch.train(config, output_dir=output, on_progress=lambda note: print(progress(note), flush=True))
     print("\n".join(summary_lines(outcome, config)))
+    python = os.path.relpath(sys.executable)  # .venv/bin/python under `make demo`
+    bin_dir = Path(python).parent
     print(f"\ndemo finished in {time.monotonic() - started:.0f} s. Next:\n"
-          f"  mlflow ui --backend-store-uri {config.tracking.tracking_uri}    # runs, metrics, heatmaps, registry\n"
-          f"  python pipelines/serve.py --model {output / 'checkpoint'}    # HTTP scoring service\n"
-          f"  python pipelines/train.py --config demo --data {manifest_uri} --workers 2 --name demo-2    # again")
+          f"  {bin_dir / 'mlflow'} ui --backend-store-uri {config.tracking.tracking_uri}    # runs, heatmaps, registry\n"
+          f"  {python} pipelines/serve.py --model {output / 'checkpoint'}    # HTTP scoring service\n"
+          f"  {python} pipelines/evaluate.py --model {output / 'checkpoint'} --data {manifest_uri} --heatmaps 2")
     return 0
 
 
