@@ -142,6 +142,8 @@ def normalize(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     Channels-last is assumed when the last dim is 3. Same float32 ops and order as torchvision
     (x.float() / 255, then (x - mean) / std), so results are bit-identical.
     """
+    if isinstance(images, np.ndarray) and not images.flags.writeable:
+        images = images.copy()  # Ray Data hands out read-only views; torch warns on those
     tensor = torch.as_tensor(images)
     if tensor.dtype != torch.uint8:
         raise ValueError(f"normalize expects uint8 pixels, got {tensor.dtype}")
