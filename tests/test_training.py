@@ -171,7 +171,9 @@ def tracked_run(ray_session, demo_root, mlflow_template, tmp_path_factory):
     root = tmp_path_factory.mktemp("tracked")
     shutil.copyfile(mlflow_template, root / "mlflow.db")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    config = data_config(root, demo_root, "tracked", 2, 40, checkpoint_every=10, eval_every=20, log_every=5,
+    data = shutil.copytree(demo_root, root / "data")
+    sorted((data / "nut" / "train" / "good").iterdir())[-1].write_bytes(b"")  # one unreadable training file
+    config = data_config(root, data, "tracked", 2, 40, checkpoint_every=10, eval_every=20, log_every=5,
                          max_failures=1, keep_checkpoints=2, data_source="ray_data")
     config = Config(**{**vars(config), "tracking": TrackingConfig(tracking_uri=uri, experiment_name="t",
                                                                   registered_model_name="dino-t", heatmap_images=2)})
@@ -246,6 +248,16 @@ def test_mlflow_run_has_params_metrics_artifacts_and_a_registered_version(tracke
     assert version.run_id == run.mlflow_run_id and version.source.endswith("/checkpoint")
     assert float(version.tags["threshold_image_f1_optimal"]) == run.summary["thresholds"]["image_f1_optimal"]
     assert "threshold_image_normal_quantile" in version.tags and "mean_image_auroc" in version.tags
+
+
+def test_unreadable_training_file_is_counted_in_summary_metrics_json_and_mlflow(tracked_run):
+    from mlflow import MlflowClient
+
+    config, run, _, _ = tracked_run
+    errors = run.summary["data_errors"]
+    assert errors["data_errors"] == 1 and errors["error_files"][0][0].endswith(".png")
+    assert json.loads((run.output_dir / "metrics.json").read_text())["data_errors"]["data_errors"] == 1
+    assert MlflowClient(config.tracking.tracking_uri).get_run(run.mlflow_run_id).data.metrics["data_errors"] == 1
 
 
 def test_outputs_hold_checkpoint_config_and_metrics_with_thresholds(tracked_run):

@@ -159,7 +159,9 @@ def test_mlflow_parent_run_child_runs_and_champion(grid_sweep):
         assert run.info.status == ("FAILED" if row["status"] == "failed" else "FINISHED")
         assert json.loads(run.data.params["train.lr"]) == json.loads(row["config/train"])["lr"]
         history = client.get_metric_history(run.info.run_id, "objective")
-        assert [m.step for m in history] == [2, 4][:row["evaluations"]]
+        # a trial ASHA stops may still log the evaluation it was computing when the stop arrived
+        steps = sorted(m.step for m in history)
+        assert steps[:row["evaluations"]] == [2, 4][:row["evaluations"]] and set(steps) <= {2, 4}
     failed = status[rows_by_lr(outcome)[10.0]["trial_id"]]
     assert "diverged" in failed.data.tags["tune.error"]
     champion = client.get_model_version_by_alias(REGISTERED, "champion")

@@ -180,20 +180,42 @@ def _train_one(config: Config, *, init_from: str, batches: list | None, stop_at_
     job = TrainJob(config=config, source=source, test_table=test_rows, init_from=init_from, mlflow_run_id=run_id,
                    stop_at_step=stop_at_step, progress=progress, status_dir=status_dir)
     trainer = build_trainer(config, job, datasets, ray.cluster_resources().get("CPU"))
-    status = "FAILED"
+    status, data_errors = "FAILED", None
     try:
         result = _fit_with_progress(trainer, progress, on_progress)
         status = "FINISHED" if stop_at_step is None or stop_at_step >= config.train.total_steps else "KILLED"
     finally:
+        if datasets is not None:
+            data_errors = _report_data_errors(datasets["train"], config, run_id)
         if run_id:
             close_run(config.tracking.tracking_uri, run_id, status=status)
         if progress is not None:
             progress.shutdown(force=True)
-    outcome = TrainOutcome(name=config.name, summary=result.return_value or {},
+    summary = dict(result.return_value or {})
+    if data_errors is not None:
+        summary["data_errors"] = data_errors
+    outcome = TrainOutcome(name=config.name, summary=summary,
                            checkpoint_uri=result.checkpoint.path if result.checkpoint else None, mlflow_run_id=run_id)
     if output_dir is not None and result.checkpoint is not None:
         write_outputs(outcome, config, result.checkpoint, Path(output_dir))
     return outcome
+
+
+def _report_data_errors(dataset, config: Config, run_id: str | None) -> dict:
+    """Unreadable training files (skipped and counted by the Ray Data pipeline): logged, and in MLflow."""
+    from dinomaly.distributed.datasets import count_errors
+
+    errors = count_errors(dataset)
+    if errors["data_errors"]:
+        logger.warning("%d unreadable training files were skipped, e.g. %s", errors["data_errors"],
+                       errors["error_files"][:3])
+    if run_id:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=config.tracking.tracking_uri)
+        client.log_metric(run_id, "data_errors", errors["data_errors"])
+        client.log_dict(run_id, json_safe(errors), "data_errors.json")
+    return errors
 
 
 def _progress_queue():
@@ -241,7 +263,8 @@ def write_outputs(outcome: TrainOutcome, config: Config, checkpoint, output_dir:
     metrics = dict(run=config.name, step=summary.get("final_step"), metrics=summary.get("metrics"),
                    thresholds=summary.get("thresholds"), mlflow_run_id=outcome.mlflow_run_id,
                    registered_model=config.tracking.registered_model_name if summary.get("model_version") else None,
-                   model_version=summary.get("model_version"), checkpoint_uri=outcome.checkpoint_uri)
+                   model_version=summary.get("model_version"), checkpoint_uri=outcome.checkpoint_uri,
+                   data_errors=summary.get("data_errors"))
     (output_dir / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=1) + "\n")
     outcome.output_dir = output_dir
 

@@ -192,7 +192,11 @@ def train_worker(loop_config: dict) -> dict:
     """The Ray Train per-worker function; rank 0 returns the run summary (Result.return_value)."""
     import ray.train
     import ray.train.torch
+    from ray.train.v2._internal.execution import context as train_context
 
+    # Ray Train logs every report at INFO under a logger named by its file path (LoggingConfig misses it);
+    # the driver's progress lines already carry the same numbers.
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     started = time.time()
     job: TrainJob = loop_config["job"]
     config, tc = job.config, job.config.train
