@@ -56,10 +56,10 @@ def summary_lines(outcome: TrainOutcome, config: Config) -> list[str]:
                         f"{'-' + run.name.removeprefix(config.name + '-') if outcome.children else ''} "
                         f"version {version}") if version else ""
             lines.append(f"MLflow run {run.mlflow_run_id} in experiment '{config.tracking.experiment_name}'{registry}")
-        if summary.get("data_errors"):
-            errors = summary["data_errors"]
-            lines.append(f"unreadable training files skipped: {errors['data_errors']} (listed in MLflow "
-                         f"data_errors.json), e.g. {[uri for uri, _ in errors['error_files'][:3]]}")
+        errors = summary.get("data_errors") or {}
+        if errors.get("data_errors"):
+            lines.append(f"unreadable training files skipped: {errors['data_errors']} (listed in metrics.json), "
+                         f"e.g. {[uri for uri, _ in errors['error_files'][:3]]}")
         checkpoint = run.output_dir / "checkpoint" if run.output_dir else run.checkpoint_uri
         lines.append(f"checkpoint: {checkpoint}  (Ray storage: {run.checkpoint_uri})")
     if outcome.children and outcome.summary["metrics"].get("mean"):
