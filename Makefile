@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_TRAIN_ENABLE_PRINT_PATCH := 0
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test test-fast bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,11 @@ demo: $(VENV)/.installed
 	$(PY) pipelines/demo.py
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
+
+# Everything that needs no Ray cluster or server: the inner loop while editing the core.
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow" --durations=10
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/train_step.py

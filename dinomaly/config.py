@@ -409,8 +409,23 @@ class TuneConfig:
 
 
 @dataclass(kw_only=True)
+class ClusterConfig:
+    """How long a job waits for the cluster's resources (CPUs, GPUs) before it fails with the holders named."""
+
+    start_timeout_s: float = doc(
+        "seconds a training run, Tune trial, evaluate/predict actor pool or Serve deployment waits for its "
+        "CPUs/GPUs to become free before it fails, naming what holds them (a request larger than the "
+        "cluster fails at once); 0 = wait forever", default=600.0)
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.start_timeout_s) or self.start_timeout_s < 0:
+            raise ValueError(f"cluster.start_timeout_s={self.start_timeout_s} must be a number >= 0 "
+                             "(seconds; 0 = wait forever)")
+
+
+@dataclass(kw_only=True)
 class Config:
-    """A whole run: model, data, training, evaluation, tracking, serving and tuning."""
+    """A whole run: model, data, training, evaluation, tracking, serving, tuning and cluster waits."""
 
     name: str = doc("run name (folder under output_root, MLflow run name)", default="dinomaly")
     output_root: str = doc("folder (or s3:// prefix) for run outputs and checkpoints", default="runs")
@@ -421,6 +436,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 # --------------------------------------------------------------------------- building and overriding

@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from dinomaly.distributed.batch import load_bundle
     from dinomaly.distributed.batch_evaluate import evaluate, log_to_mlflow, test_rows, write_outputs
     from dinomaly.distributed.launch import ensure_ray
+    from dinomaly.distributed.resources import ResourcesUnavailable
 
     try:  # data.layout stays the preset's / checkpoint's (e.g. realiad + its json variant); .parquet = manifest
         bundle = load_bundle(args.model, args.config, [f"data.root={args.data}", *args.set])
@@ -79,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
             run_name = f"evaluate-{bundle.name}-{time.strftime('%Y%m%dT%H%M%S')}"
             run_id = log_to_mlflow(info, bundle.config, output, run_name)
             print(f"logged to MLflow run {run_id}")
+    except ResourcesUnavailable as err:  # never fits, or not free within cluster.start_timeout_s
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     finally:
         if started:
             ray.shutdown()

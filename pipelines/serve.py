@@ -23,6 +23,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep every Ra
 
 from dinomaly.config import Config, apply_overrides, help_text, load_config  # noqa: E402
 from dinomaly.distributed import serving  # noqa: E402
+from dinomaly.distributed.resources import ResourcesUnavailable  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         url = serving.start(args.model, config)
+    except ResourcesUnavailable as err:  # replicas' CPUs/GPUs: never fit, or not free within the bound
+        print(f"error: cannot deploy: {err}", file=sys.stderr)
+        return 1
     except RuntimeError as err:  # a replica failed to start (e.g. out of memory); Serve gave up
         print(f"error: the deployment failed: {err}", file=sys.stderr)
         return 1

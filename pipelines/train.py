@@ -6,6 +6,8 @@
     python pipelines/train.py --config mvtec_uni --data /data/mvtec --init-from dinomaly_vitb_uni.pth --steps 2000
 
 Plain `python` starts a local Ray; under `ray job submit` (RAY_ADDRESS set) it joins that cluster.
+When the workers' CPUs/GPUs are taken, it waits at most cluster.start_timeout_s (default 600 s; 0 = forever),
+then exits with status 1 and names what holds them.
 Outputs: --output DIR (default runs/<name>/) gets checkpoint/, config.yaml and metrics.json.
 """
 
@@ -76,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from dinomaly.distributed import launch
     from dinomaly.distributed.progress import ProgressFormatter, summary_lines
+    from dinomaly.distributed.resources import ResourcesUnavailable
 
     try:
         config = launch.prepare_config(config_from_args(args))
@@ -87,8 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     output = args.output or Path("runs") / config.name
     launch.ensure_ray()
     progress = ProgressFormatter()
-    outcome = launch.train(config, init_from=args.init_from, output_dir=output,
-                           on_progress=lambda note: print(progress(note), flush=True))
+    try:
+        outcome = launch.train(config, init_from=args.init_from, output_dir=output,
+                               on_progress=lambda note: print(progress(note), flush=True))
+    except ResourcesUnavailable as err:  # never fits, or not free within cluster.start_timeout_s
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print("\n".join(summary_lines(outcome, config)))
     return 0
 

@@ -17,11 +17,13 @@ train.use_gpu) plus tune.driver_cpus; tune.max_concurrent_trials of them run at 
 Objective (tune.objective): the mean of tune.metrics on the labelled test split (maximised), or for data
 without defective images the reconstruction loss on held-out normal training images (minimised). ASHA
 (tune.scheduler) stops trials that fall behind at an evaluation (tune.evaluations per trial). A failing
-trial (NaN/diverging loss, OOM, bad config) is ranked 'failed' with its reason; the sweep goes on.
+trial (NaN/diverging loss, OOM, bad config, workers' CPUs/GPUs not free within cluster.start_timeout_s) is
+ranked 'failed' with its reason; the sweep goes on.
 Outputs: the ranking (printed; tune_results.csv/.json in --output-dir, default <output_root>/<name>/),
 an MLflow parent run with a child run per trial, and the best model registered as
 tracking.registered_model_name (alias tune.champion_alias when it beats the current holder).
-Exit status: 0 done, 1 no trial succeeded, 2 bad options, 3 interrupted (finish with --resume).
+Exit status: 0 done, 1 no trial succeeded (or the cluster cannot host one), 2 bad options, 3 interrupted
+(finish with --resume).
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from dinomaly.distributed import launch, tuning
+    from dinomaly.distributed.resources import ResourcesUnavailable
 
     try:
         config = launch.prepare_config(config_from_args(args))
@@ -88,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:  # e.g. --resume without a sweep, a name already used
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except ResourcesUnavailable as err:  # not even one trial's driver can be placed
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(tuning.format_ranking(outcome))
     print("\n".join(tuning.report_lines(outcome, config)))
     if outcome.interrupted:

@@ -18,18 +18,27 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-REFERENCE_DIR = Path(os.environ.get("DINOMALY_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
+REFERENCE_DIR = Path(os.environ.get("DINOMALY_REFERENCE_DIR", Path(__file__).resolve().parent / "reference"))
+
+REFERENCE_FILES = ("vectors.pt", "official_checkpoint.pth", "trajectory.pt")
 
 pytest_plugins: list[str] = ["fixtures_data", "fixtures_s3", "fixtures_ray", "fixtures_serving", "fixtures_mlflow"]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test that uses the session Ray cluster is `slow`, so `make test-fast` (-m "not slow") never starts Ray."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
-    """../shared/reference: vectors from the official code. Required in CI, skipped elsewhere if absent."""
-    if not (REFERENCE_DIR / "vectors.pt").exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"reference vectors missing at {REFERENCE_DIR}")
-        pytest.skip(f"reference vectors not found at {REFERENCE_DIR} (set DINOMALY_REFERENCE_DIR)")
+    """tests/reference: vectors from the official code (tests/reference/README.md); DINOMALY_REFERENCE_DIR overrides."""
+    missing = [name for name in REFERENCE_FILES if not (REFERENCE_DIR / name).exists()]
+    if missing:
+        pytest.fail(f"reference files {missing} missing in {REFERENCE_DIR}; they are part of the repository "
+                    "(tests/reference/), or set DINOMALY_REFERENCE_DIR")
     return REFERENCE_DIR
 
 

@@ -1,7 +1,7 @@
 """A real sqlite MLflow store per test, copied from one template migrated once per session.
 
 A fresh sqlite store runs MLflow's schema migrations on first use (seconds on 2 cores); copying an
-already-migrated file takes milliseconds (shared/ray-notes.md section 4).
+already-migrated file takes milliseconds (measured here).
 """
 
 from __future__ import annotations

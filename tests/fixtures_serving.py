@@ -1,7 +1,8 @@
 """A tiny served model for the Serve tests: checkpoint, test images, expected scores, one Serve app.
 
-The app runs on the session's Ray cluster (`ray_session`), HTTP on a free 127.0.0.1 port, and is
-shared by tests/test_serving.py and tests/test_serving_browser.py (each serve.run costs seconds).
+The app runs on the session's Ray cluster (`ray_session`), HTTP on a free 127.0.0.1 port. It lives for one
+test module (test_serving.py, test_serving_browser.py): Serve is shut down after the module, so its replicas'
+CPUs are free again for the Train and Tune runs of later modules.
 Expected scores come from `Predictor` on the same images through the evaluation transforms.
 """
 
@@ -110,9 +111,9 @@ def served_model(tmp_path_factory) -> ServedModel:
                        threshold=threshold, image_dir=image_dir)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def serve_app(ray_session, served_model) -> ServedModel:
-    """Serve running on a free loopback port with the tiny model at route '/' (no auth)."""
+    """Serve running on a free loopback port with the tiny model at route '/' (no auth); shut down after the module."""
     from ray import serve
 
     from dinomaly.distributed.serving import build_app
@@ -123,6 +124,8 @@ def serve_app(ray_session, served_model) -> ServedModel:
     served_model.url = f"http://127.0.0.1:{port}/"
     served_model.apps.append("tiny")
     wait_ready(served_model.url)
-    yield served_model
-    for name in served_model.apps:
-        serve.delete(name)
+    try:
+        yield served_model
+    finally:
+        served_model.apps.clear()
+        serve.shutdown()  # deletes every app, the proxies and the controller

@@ -97,3 +97,15 @@ def test_flatten_and_help_cover_every_field():
 def test_decoder_depth_must_match_layers():
     with pytest.raises(ValueError, match="decoder_depth=4 differs"):
         DinomalyConfig(decoder_depth=4)
+
+
+def test_cluster_start_timeout_is_checked_and_listed_in_help():
+    """cluster.start_timeout_s: seconds (default 600), 0 = wait forever, negative refused; in every --help."""
+    assert load_config("demo").cluster.start_timeout_s == 600.0
+    assert load_config("demo", ["cluster.start_timeout_s=0"]).cluster.start_timeout_s == 0.0
+    with pytest.raises(ValueError, match=r"cluster.start_timeout_s=-1.0 must be a number >= 0 .*0 = wait forever"):
+        load_config("demo", ["cluster.start_timeout_s=-1"])
+    with pytest.raises(ValueError, match="must be a number"):
+        load_config("demo", ["cluster.start_timeout_s=soon"])
+    text = help_text()
+    assert "cluster.start_timeout_s = 600.0" in text and "0 = wait forever" in text

@@ -1,7 +1,8 @@
 """The Ray Data pipeline (dinomaly.distributed.datasets) on a real local Ray cluster and a real S3 server.
 
-Structural-error tests come first and do not start Ray: they prove the checks run on the driver
-before any cluster work. The rest share the session's `ray_session` and `moto_s3`.
+Structural-error tests come first and do not start Ray: with every Ray entry point of the module
+replaced by a stand-in that fails (`no_ray_work`), they prove the checks run on the driver before any
+cluster work. The rest share the session's `ray_session` and `moto_s3`.
 """
 
 from __future__ import annotations
@@ -72,20 +73,45 @@ def uris(dataset) -> list[str]:
 # --------------------------------------------------------------------------- structural errors, before Ray
 
 
-def _assert_no_ray_work(ray_was_up: bool) -> None:
-    if not ray_was_up:  # nothing above may have started (or auto-started) a cluster
-        assert not ray.is_initialized()
+class RayWorkBeforeChecks(AssertionError):
+    """Raised by the stand-ins of `no_ray_work`: a dataset builder touched Ray before its checks failed."""
 
 
-def test_missing_manifest_fails_on_the_driver(tmp_path):
-    ray_was_up = ray.is_initialized()
+class _NoRay:
+    """Stands in for a Ray object: any attribute use (ray.data..., ray.get, Actor.remote) fails."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        raise RayWorkBeforeChecks(f"{self._name}.{attr} was used before the driver-side checks raised")
+
+
+@pytest.fixture
+def no_ray_work(monkeypatch):
+    """Any Ray use by dinomaly.distributed.datasets fails, whether or not this process has a cluster up.
+
+    The module's `ray` and its bad-file actor class are replaced, so a dataset, an ErrorCounter actor or
+    a cluster query made before a structural check raises RayWorkBeforeChecks instead of the expected
+    error; ray.init is replaced too, against an auto-start from anywhere else.
+    """
+    from dinomaly.distributed import datasets
+
+    monkeypatch.setattr(datasets, "ray", _NoRay("ray"))
+    monkeypatch.setattr(datasets, "_ErrorLog", _NoRay("_ErrorLog"))
+
+    def no_init(*args, **kwargs):
+        raise RayWorkBeforeChecks("ray.init was called before the driver-side checks raised")
+
+    monkeypatch.setattr(ray, "init", no_init)
+
+
+def test_missing_manifest_fails_on_the_driver(no_ray_work, tmp_path):
     with pytest.raises(FileNotFoundError, match="prepare_data.py"):
         train_dataset(str(tmp_path / "absent.parquet"), small_config())
-    _assert_no_ray_work(ray_was_up)
 
 
-def test_unknown_category_and_empty_class_fail_on_the_driver(local_manifest):
-    ray_was_up = ray.is_initialized()
+def test_unknown_category_and_empty_class_fail_on_the_driver(no_ray_work, local_manifest):
     with pytest.raises(ValueError, match=r"\['toaster'\] are not in the manifest"):
         train_dataset(local_manifest, small_config(**{"data.categories": ["weave", "toaster"]}))
     no_nut_training = local_manifest.filter(
@@ -93,21 +119,17 @@ def test_unknown_category_and_empty_class_fail_on_the_driver(local_manifest):
                                           pa.compute.equal(local_manifest.column("split"), "train"))))
     with pytest.raises(ValueError, match=r"classes \['nut'\] have no train images"):
         train_dataset(no_nut_training, small_config())
-    _assert_no_ray_work(ray_was_up)
 
 
-def test_missing_root_fails_on_the_driver(dataset_root, tmp_path):
-    ray_was_up = ray.is_initialized()
+def test_missing_root_fails_on_the_driver(no_ray_work, dataset_root, tmp_path):
     moved = shutil.copytree(dataset_root, tmp_path / "copy")
     manifest = build_manifest(read_layout(str(moved)))
     shutil.rmtree(moved)
     with pytest.raises(FileNotFoundError, match=str(moved)):
         eval_datasets(manifest, small_config())
-    _assert_no_ray_work(ray_was_up)
 
 
-def test_missing_bucket_and_rejected_credentials_fail_on_the_driver(s3_manifest, moto_s3):
-    ray_was_up = ray.is_initialized()
+def test_missing_bucket_and_rejected_credentials_fail_on_the_driver(no_ray_work, s3_manifest, moto_s3):
     elsewhere = s3_manifest.set_column(0, "image_uri", pa.array(
         [u.replace(f"s3://{moto_s3.bucket}/", "s3://missing-bucket/") for u in s3_manifest.column(0).to_pylist()]))
     with pytest.raises(FileNotFoundError, match="bucket s3://missing-bucket"):
@@ -118,7 +140,6 @@ def test_missing_bucket_and_rejected_credentials_fail_on_the_driver(s3_manifest,
             train_dataset(s3_manifest, small_config())
     finally:
         moto_s3.set_auth(False)
-    _assert_no_ray_work(ray_was_up)
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -182,8 +203,42 @@ def test_pipeline_matches_the_reference_transforms(ray_session, tmp_path):
     assert batch["has_mask"].tolist() == [r["mask_uri"] is not None for r in records]
 
 
-def test_streaming_split_gives_disjoint_covering_shards_reshuffled_each_epoch(ray_session, local_manifest):
-    dataset = train_dataset(local_manifest, small_config())
+RESHUFFLE_IMAGES = 64
+SHARED_PAIRS_LIMIT = RESHUFFLE_IMAGES // 4
+
+
+@pytest.fixture(scope="module")
+def many_images_manifest(dataset_root, tmp_path_factory) -> pa.Table:
+    """64 training rows of one class: copies of one demo image under distinct names (only the order matters)."""
+    folder = tmp_path_factory.mktemp("many")
+    source = sorted((dataset_root / "weave" / "train" / "good").iterdir())[0]
+    records = []
+    for i in range(RESHUFFLE_IMAGES):
+        target = shutil.copyfile(source, folder / f"{i:03d}.png")
+        records.append(dict(image_uri=str(target), mask_uri=None, label=0, category="weave", defect="good",
+                            split="train", sample_id=None, view=None, size_bytes=target.stat().st_size))
+    return pa.Table.from_pylist(records, schema=MANIFEST_SCHEMA)
+
+
+def adjacent_pairs(streams: list[list[str]]) -> set[tuple[str, str]]:
+    """Every (uri, next uri) pair of the streams: the part of an order that block and shard scheduling keep."""
+    return {pair for stream in streams for pair in zip(stream, stream[1:])}
+
+
+def test_streaming_split_gives_disjoint_covering_shards_reshuffled_each_epoch(ray_session, many_images_manifest):
+    """Two consumers, two epochs: disjoint shards that cover the class, in a new permutation every epoch.
+
+    Plain inequality of the orders would prove nothing: blocks stream in completion order and go to
+    whichever consumer asks, so even a repeated (or absent) permutation comes out in a varying order.
+    What scheduling cannot change is the order inside a block (8 shuffle blocks of 8 rows on the
+    session's 4-CPU cluster), so a repeated permutation shares most of its 62 adjacent (uri, next uri)
+    pairs (56 lie inside blocks) with the previous epoch, and no shuffle shares as many with the manifest
+    order. Two independent uniform permutations of 64 rows share a given adjacent pair with probability
+    1/64, on average less than one of 62; sharing 16 or more has a probability of about
+    C(62, 16) / 64**16 = 3.5e-15 per comparison (three comparisons here).
+    """
+    manifest_order = many_images_manifest.column("image_uri").to_pylist()
+    dataset = train_dataset(many_images_manifest, small_config())
     shards = dataset.streaming_split(2, equal=True)
     seen: dict[int, list[list[str]]] = {0: [], 1: []}
 
@@ -196,14 +251,19 @@ def test_streaming_split_gives_disjoint_covering_shards_reshuffled_each_epoch(ra
         thread.start()
     for thread in threads:
         thread.join(timeout=300)
-    train_uris = sorted(local_manifest.filter(pa.compute.equal(local_manifest.column("split"), "train"))
-                        .column("image_uri").to_pylist())
+    assert [len(seen[0]), len(seen[1])] == [2, 2], "a consumer did not finish its two epochs"
     for epoch in (0, 1):
         first, second = seen[0][epoch], seen[1][epoch]
-        assert len(first) == len(second) == len(train_uris) // 2
+        assert len(first) == len(second) == RESHUFFLE_IMAGES // 2
         assert not set(first) & set(second)
-        assert sorted(first + second) == train_uris
-    assert seen[0][0] + seen[1][0] != seen[0][1] + seen[1][1], "the second epoch repeated the first order"
+        assert sorted(first + second) == sorted(manifest_order)
+    pairs = [adjacent_pairs([seen[0][epoch], seen[1][epoch]]) for epoch in (0, 1)]
+    unshuffled = adjacent_pairs([manifest_order])
+    for epoch in (0, 1):
+        shared = len(pairs[epoch] & unshuffled)
+        assert shared < SHARED_PAIRS_LIMIT, f"epoch {epoch} keeps {shared} adjacent pairs of the manifest order"
+    shared = len(pairs[0] & pairs[1])
+    assert shared < SHARED_PAIRS_LIMIT, f"the second epoch repeats {shared} adjacent pairs of the first"
 
 
 def test_iter_train_batches_yields_normalised_full_batches(ray_session, local_manifest):
@@ -264,7 +324,10 @@ def test_strict_mode_fails_on_the_first_corrupt_file(ray_session, dataset_root, 
     manifest = build_manifest(read_layout(str(root)))
     bad = _corrupt(root, manifest)
     dataset = train_dataset(manifest, small_config(**{"data.strict": True, "data.shuffle": False}))
-    with pytest.raises(Exception, match="data.strict") as info:
+    # Ray Data wraps the map task's CorruptImageError in UserCodeException (as RayTaskError(UserCodeException));
+    # the original type and message survive only in the text
+    with pytest.raises(ray.exceptions.UserCodeException,
+                       match=r"CorruptImageError: unreadable file for image .* \(data\.strict=true\)") as info:
         uris(dataset)
     assert any(uri in str(info.value) for uri in bad[:3])  # blocks run in parallel: any bad training file
 

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from dinomaly.config import apply_overrides, load_config
 from dinomaly.metrics import METRIC_NAMES, compute_metrics
@@ -50,15 +51,14 @@ def setup(tmp_path_factory):
     return root, checkpoint, config, corrupt
 
 
-def core_metrics(root: Path, checkpoint: Path, config) -> dict[str, dict[str, float]]:
+def core_metrics(root: Path, predictor, config) -> dict[str, dict[str, float]]:
     """The seven metrics per class with the core alone: ManifestDataset -> Predictor -> resize_masks ->
     compute_metrics on all maps of the class at once (the reference's all-in-memory evaluation)."""
     from dinomaly.data.dataset import ManifestDataset, iterate_batches
     from dinomaly.data.manifest import load_manifest, select
-    from dinomaly.inference import Predictor, resize_masks
+    from dinomaly.inference import resize_masks
 
     table = select(load_manifest(apply_overrides(config, {"data.root": str(root)}).data), split="test")
-    predictor = Predictor.from_checkpoint(checkpoint)
     parts = defaultdict(lambda: defaultdict(list))
     for batch in iterate_batches(ManifestDataset(table, config.model), batch_size=4):
         result = predictor.predict(batch.images)
@@ -82,9 +82,11 @@ def exact_run(setup, ray_session, tmp_path_factory):
 
 
 def test_metrics_equal_core_compute_metrics(setup, exact_run):
+    from dinomaly.inference import Predictor
+
     root, checkpoint, config, corrupt = setup
     output, info = exact_run
-    expected = core_metrics(root, checkpoint, config)
+    expected = core_metrics(root, Predictor.from_checkpoint(checkpoint), config)
     assert list(info["classes"]) == CLASSES
     for name in CLASSES:
         for key in METRIC_NAMES:
@@ -165,6 +167,9 @@ def test_streaming_pixel_metrics_match_exact_and_log_to_mlflow(setup, exact_run,
         registered, rows=[], heatmaps=None, checkpoint_dir=checkpoint, tags={})
     MlflowClient(mlflow_uri).set_registered_model_alias("tiny-eval", "champion", version)
     output = tmp_path / "out"
+    (output / "heatmaps" / "nut").mkdir(parents=True)
+    for stale in (output / ".scores.parquet.tmp", output / "heatmaps" / "nut" / ".grid.png.tmp"):
+        stale.write_bytes(b"PAR1 half a file")  # what a killed run leaves behind
     rc = evaluate_cli.main(["--model", "models:/tiny-eval@champion", "--data", str(root), "--output", str(output),
                             "--mlflow", "--set", "eval.pixel_metrics=streaming",
                             *[f"--set={k}={v}" for k, v in tracking.items()]])
@@ -182,6 +187,25 @@ def test_streaming_pixel_metrics_match_exact_and_log_to_mlflow(setup, exact_run,
     assert runs[0].data.metrics["test/mean/image_auroc"] == pytest.approx(info["mean"]["image_auroc"])
     artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id)}
     assert {"metrics.json", "per_class.csv", "per_class.md", "scores.parquet"} <= artifacts
+    assert not list(output.rglob(".*.tmp")) and not any(a.startswith(".") for a in artifacts)
+
+
+def test_outputs_are_replaced_whole_or_not_at_all(tmp_path):
+    """A writer that dies halfway (as under SIGKILL) leaves the previous file as it was, never half of the new."""
+    from dinomaly.distributed.batch_evaluate import replace_atomically
+
+    target = tmp_path / "metrics.json"
+    target.write_text('{"old": 1}')
+
+    def dies_halfway(path: Path) -> None:
+        path.write_text('{"ne')
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        replace_atomically(target, dies_halfway)
+    assert json.loads(target.read_text()) == {"old": 1}
+    replace_atomically(target, lambda path: path.write_text('{"new": 2}'))
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"] and json.loads(target.read_text()) == {"new": 2}
 
 
 def test_official_weights_need_a_config(reference_dir, capsys):
@@ -189,6 +213,13 @@ def test_official_weights_need_a_config(reference_dir, capsys):
     assert rc == 2 and "--config" in capsys.readouterr().err
 
 
+def f1_max(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Best F1 over all thresholds, the reference's way (precision_recall_curve, its last point left out)."""
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    return float((2 * precision * recall / (precision + recall + 1e-7))[:-1].max())
+
+
+@pytest.mark.slow  # pipelines/evaluate.py starts its own Ray
 def test_official_checkpoint_end_to_end_cli(setup, reference_dir, reference_model, tmp_path):
     """The one subprocess run: `python pipelines/evaluate.py` on the official-format tiny checkpoint with its own
     preset; its scores equal the reference model (load_official) scored in this process."""
@@ -211,8 +242,24 @@ def test_official_checkpoint_end_to_end_cli(setup, reference_dir, reference_mode
     assert "mean" in done.stdout and "P-AUPRO" in done.stdout
     info = json.loads((output / "metrics.json").read_text())
     assert info["model"]["version"] == "official" and list(info["classes"]) == CLASSES
-    assert all(0 <= info["classes"][c]["image_auroc"] <= 1 for c in CLASSES)
-    rows = [r for r in pq.read_table(output / "scores.parquet").to_pylist() if not r["error"]][:3]
+    rows = [r for r in pq.read_table(output / "scores.parquet").to_pylist() if not r["error"]]
+    assert len(rows) == 11
     pixels = np.stack([resize_crop_image(decode_image(read_bytes(r["uri"])), 84, 84) for r in rows])
-    expected = Predictor(reference_model, load_config(str(preset)).eval).predict(normalize(pixels)).scores
-    np.testing.assert_allclose([r["score"] for r in rows], expected, rtol=1e-5, atol=1e-6)
+    predictor = Predictor(reference_model, load_config(str(preset)).eval)
+    np.testing.assert_allclose([r["score"] for r in rows], predictor.predict(normalize(pixels)).scores,
+                               rtol=1e-5, atol=1e-6)
+
+    # image metrics recomputed with scikit-learn from scores.parquet and the labels the demo layout gives
+    # (test/good is normal), not the pipeline's label column; pixel metrics from the core on the same model
+    pixel = core_metrics(root, predictor, load_config(str(preset)))
+    for name in CLASSES:
+        mine = [r for r in rows if r["category"] == name]
+        labels = np.array([int(Path(r["uri"]).parent.name != "good") for r in mine])
+        assert [r["label"] for r in mine] == labels.tolist()
+        scores = np.array([r["score"] for r in mine], dtype=np.float64)
+        expected = {"image_auroc": roc_auc_score(labels, scores), "image_ap": average_precision_score(labels, scores),
+                    "image_f1_max": f1_max(labels, scores)}
+        expected.update({k: v for k, v in pixel[name].items() if k.startswith("pixel")})
+        assert set(expected) == set(METRIC_NAMES)
+        for key, value in expected.items():
+            assert info["classes"][name][key] == pytest.approx(value, abs=1e-6), (name, key)

@@ -176,6 +176,7 @@ def ddp_worker(rank, world, port, out_dir, reference_dir):
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned gloo worker processes
 def test_ddp_two_ranks_with_global_hard_mining_follow_the_single_process_trajectory(reference_dir, trajectory,
                                                                                    tmp_path):
     """Each rank trains on half of every batch; global threshold + DDP mean + global clip = the batch-4 loop."""

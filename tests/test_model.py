@@ -112,7 +112,8 @@ def test_init_and_layer_settings():
 @pytest.mark.parametrize("size,encoder,dim,heads,trainable", [
     ("small", "vit_small_patch14_reg4_dinov2", 384, 6, 15_377_280),
     ("base", "vit_base_patch14_reg4_dinov2", 768, 12, 61_425_408),
-    ("large", "vit_large_patch14_reg4_dinov2", 1024, 16, 109_163_520),
+    pytest.param("large", "vit_large_patch14_reg4_dinov2", 1024, 16, 109_163_520,
+                 marks=pytest.mark.slow),  # 300M parameters to initialise
 ])
 def test_real_sizes(size, encoder, dim, heads, trainable):
     """Random-weight S/B/L at 28 px (2x2 patches): spec trainable counts, widths and group shapes."""

@@ -270,10 +270,12 @@ def registry_app(serve_app, mlflow_template, tmp_path_factory):
         tags={"threshold_image_f1_optimal": registry_threshold, "normal_quantile": 0.99})
     MlflowClient(config.tracking.tracking_uri).set_registered_model_alias(REGISTERED, "champion", version)
     serve.run(build_app(f"models:/{REGISTERED}@champion", config), name="secure", route_prefix="/secure")
-    serve_app.apps.append("secure")
-    url = f"{serve_app.url}secure/"
-    wait_ready(url)
-    return url, version, registry_threshold
+    try:
+        url = f"{serve_app.url}secure/"
+        wait_ready(url)
+        yield url, version, registry_threshold
+    finally:
+        serve.delete("secure")
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ from dinomaly.distributed.launch import train
 
 pytestmark = pytest.mark.slow
 TRAJECTORY_STEPS = (1, 5, 10, 20, 30)
+KILL_AT_STEP = 10  # a checkpoint step of tracked_run (checkpoint_every=10)
 
 
 def trajectory_config(root: Path, name: str, workers: int, checkpoint_every: int = 5) -> Config:
@@ -165,7 +166,7 @@ def test_two_workers_of_4_equal_one_worker_of_8_in_deterministic_mode(ray_sessio
 
 @pytest.fixture(scope="module")
 def tracked_run(ray_session, demo_root, mlflow_template, tmp_path_factory):
-    """2 workers on Ray Data shards, MLflow on; rank 1 is SIGKILLed once it has passed the step-10 checkpoint."""
+    """2 workers on Ray Data shards, MLflow on; rank 1 is SIGKILLed while it holds right after the step-10 checkpoint."""
     import shutil
 
     root = tmp_path_factory.mktemp("tracked")
@@ -179,6 +180,7 @@ def tracked_run(ray_session, demo_root, mlflow_template, tmp_path_factory):
                                                                   registered_model_name="dino-t", heatmap_images=2)})
     status = root / "status"
     status.mkdir()
+    (status / f"hold-rank1-step{KILL_AT_STEP}").touch()  # rank 1 waits there (training.TrainJob.status_dir)
     outcome, errors = {}, []
 
     def fit():
@@ -189,34 +191,46 @@ def tracked_run(ray_session, demo_root, mlflow_template, tmp_path_factory):
 
     thread = threading.Thread(target=fit)
     thread.start()
-    killed = kill_when(status / "rank1.json", root / "tracked" / "checkpoint_manager_snapshot.json", thread)
+    try:
+        killed = kill_held_worker(status, 1, KILL_AT_STEP, root / "tracked" / "checkpoint_manager_snapshot.json",
+                                  thread)
+    finally:  # if the kill did not happen, let the worker go on rather than hold the run forever
+        (status / f"hold-rank1-step{KILL_AT_STEP}.held").unlink(missing_ok=True)
     thread.join(timeout=600)
     if errors:
         raise errors[0]
     return config, outcome["run"], killed, json.loads((status / "rank1.json").read_text())
 
 
-def kill_when(status_file: Path, snapshot: Path, thread: threading.Thread, timeout_s: float = 300) -> dict:
-    """SIGKILL the worker of `status_file` once Ray has registered a checkpoint (it is in the controller's
-    snapshot): a worker that dies before the controller has collected its report takes that checkpoint
-    with it, and the run would restart from an older one. Returns the status the worker was killed at."""
+def kill_held_worker(status_dir: Path, rank: int, step: int, snapshot: Path, thread: threading.Thread,
+                     timeout_s: float = 600) -> dict:
+    """SIGKILL the worker of `rank` while it holds after reporting `step` (it has claimed the file
+    hold-rank<r>-step<s>), once Ray has registered that step's checkpoint in the controller's snapshot: a
+    worker that dies before the controller has collected its report takes that checkpoint with it. The
+    worker waits until it is killed, and its DDP peer cannot pass the next step without it, so both
+    conditions stay true once met and the kill lands at `step` however slowly the machine runs.
+    Returns the status the worker was killed with."""
+    held = status_dir / f"hold-rank{rank}-step{step}.held"
+    checkpoint = f"checkpoint_{step:07d}"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and thread.is_alive():
-        if snapshot.exists() and "checkpoint_00000" in snapshot.read_text() and status_file.exists():
-            status = json.loads(status_file.read_text())
+        if held.exists() and snapshot.exists() and checkpoint in snapshot.read_text():
+            status = json.loads((status_dir / f"rank{rank}.json").read_text())
             os.kill(status["pid"], signal.SIGKILL)
             return status
-        time.sleep(0.02)
-    pytest.fail(f"the run ended (or {timeout_s} s passed) before a checkpoint was registered in {snapshot}")
+        time.sleep(0.1)
+    pytest.fail(f"the run ended (or {timeout_s} s passed) before rank {rank} held at step {step} with "
+                f"{checkpoint} registered in {snapshot}")
 
 
 def test_killed_worker_restores_from_the_last_checkpoint_and_finishes(tracked_run):
     config, run, killed, status_after = tracked_run
     summary = run.summary
-    assert status_after["pid"] != killed["pid"]  # a new worker process finished the run
-    assert summary["start_step"] in (10, 20, 30)  # restored from a checkpoint, not from scratch
+    assert killed["step"] == KILL_AT_STEP and status_after["pid"] != killed["pid"]  # a new process finished
+    assert status_after["step"] == 40
+    assert summary["start_step"] == KILL_AT_STEP  # restored from the step-10 checkpoint, not from scratch
     assert summary["final_step"] == 40
-    assert [r["step"] for r in summary["records"]] == list(range(summary["start_step"] + 1, 41))  # none lost/repeated
+    assert [r["step"] for r in summary["records"]] == list(range(KILL_AT_STEP + 1, 41))  # none lost or repeated
 
 
 def test_ddp_ranks_hold_identical_parameters_and_loss_falls(tracked_run):

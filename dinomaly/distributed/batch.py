@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -176,6 +177,7 @@ class ScoreSpec:
     storage: StorageOptions = field(default_factory=StorageOptions)  # resolved on the driver
     heatmap_uri: str = ""  # '' = no heatmaps; else a folder / s3:// prefix for <stem>-<hash>.png
     heatmap_range: tuple[float, float] | None = None  # colour range (vmin, vmax); None = per image
+    staging_dir: str = ""  # local folder where a PNG is written before its rename into heatmap_uri; '' = in place
 
 
 def heatmap_name(uri: str) -> str:
@@ -199,6 +201,8 @@ class ModelScorer:
         self.model_config, self.spec = bundle.config.model, spec
         if spec.heatmap_uri and not split_uri(spec.heatmap_uri)[0]:  # a local folder (object stores need none)
             Path(spec.heatmap_uri).mkdir(parents=True, exist_ok=True)
+            if spec.staging_dir:
+                Path(spec.staging_dir).mkdir(parents=True, exist_ok=True)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["error"] == ""
@@ -232,8 +236,13 @@ class ModelScorer:
         for i in np.flatnonzero(ok):
             target = f"{self.spec.heatmap_uri.rstrip('/')}/{heatmap_name(uris[i])}"
             fs, path = filesystem_for(target, self.spec.storage)
-            with fs.open_output_stream(path) as stream:
+            # a local PNG appears whole (written aside, then renamed); an object-store put is atomic anyway
+            local = self.spec.staging_dir and not split_uri(target)[0]
+            written = f"{self.spec.staging_dir}/{uuid.uuid4().hex[:8]}-{heatmap_name(uris[i])}" if local else path
+            with fs.open_output_stream(written) as stream:
                 stream.write(overlay_png(images[i], maps[i], vmin, vmax))
+            if local:
+                fs.move(written, path)
             names[i] = target
         return names
 

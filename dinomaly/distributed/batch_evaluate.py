@@ -16,8 +16,10 @@ import itertools
 import json
 import logging
 import math
+import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -151,6 +153,9 @@ def evaluate(bundle_ref, config: Config, table: pa.Table, heatmaps: int = 0) -> 
     bundle_ref: ray.put(ModelBundle). heatmaps: how many highest-scored normal and highest-scored defective
     images per class to keep for overlays.
     """
+    from dinomaly.distributed.resources import wait_for_batch_resources
+
+    wait_for_batch_resources(config, "evaluate")  # the actor pool's CPUs/GPUs, within cluster.start_timeout_s
     expected = Counter(table.column("category").to_pylist())  # insertion order = class order
     streams = ClassStreams(dict(expected), config, heatmaps)
     dataset = score_rows(table, bundle_ref, config, ScoreSpec(keep_maps=True), with_masks=True, preserve_order=True)
@@ -215,15 +220,28 @@ def summary(result: EvalResult, bundle: ModelBundle, config: Config) -> dict[str
     })
 
 
+def replace_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """`write` a hidden file beside `path`, then rename it over `path`: whenever the process is killed, a
+    reader finds the old file or the new one, never half of one (and globs like *.png skip the hidden one)."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    write(temporary)
+    os.replace(temporary, path)
+
+
 def write_outputs(result: EvalResult, bundle: ModelBundle, config: Config, output: Path) -> dict[str, Any]:
-    """metrics.json, per_class.{txt,csv,md}, scores.parquet and heatmaps/ under `output`; returns the summary."""
+    """metrics.json, per_class.{txt,csv,md}, scores.parquet and heatmaps/ under `output`; returns the summary.
+
+    Each file appears whole (replace_atomically); what a killed run left half-written is deleted first.
+    """
     output.mkdir(parents=True, exist_ok=True)
+    for stale in [*output.glob(".*.tmp"), *output.glob("heatmaps/*/.*.tmp")]:
+        stale.unlink(missing_ok=True)
     info = summary(result, bundle, config)
-    (output / "metrics.json").write_text(json.dumps(info, indent=1) + "\n")
-    (output / "per_class.txt").write_text(format_table(result.rows) + "\n")
-    (output / "per_class.csv").write_text(format_csv(result.rows))
-    (output / "per_class.md").write_text(format_markdown(result.rows) + "\n")
-    pq.write_table(result.scores, output / "scores.parquet")
+    texts = {"metrics.json": json.dumps(info, indent=1) + "\n", "per_class.txt": format_table(result.rows) + "\n",
+             "per_class.csv": format_csv(result.rows), "per_class.md": format_markdown(result.rows) + "\n"}
+    for name, text in texts.items():
+        replace_atomically(output / name, lambda path, text=text: path.write_text(text))
+    replace_atomically(output / "scores.parquet", lambda path: pq.write_table(result.scores, path))
     if result.examples:
         write_heatmaps(result.examples, config, output / "heatmaps")
     return info
@@ -254,13 +272,14 @@ def write_heatmaps(examples: dict[tuple[str, int], list[Example]], config: Confi
             pixels = resize_crop_image(image, config.model.image_size, config.model.crop_size)
             kind = "defect" if label else "normal"
             path = folder / name / f"{kind}_{rank}_{heatmap_name(ex.uri)}"
-            path.write_bytes(overlay_png(pixels, ex.anomaly_map, vmin, vmax, ex.mask))
+            png = overlay_png(pixels, ex.anomaly_map, vmin, vmax, ex.mask)
+            replace_atomically(path, lambda target, png=png: target.write_bytes(png))
             images.append(pixels)
             captions.append(f"{kind} score {ex.score:.4f} {Path(ex.uri).name}")
             written.append(path)
         grid = heatmap_grid(images, [ex.anomaly_map for _, _, ex in kept], captions,
                             [ex.mask for _, _, ex in kept], vmin, vmax)
-        (folder / name / "grid.png").write_bytes(grid)
+        replace_atomically(folder / name / "grid.png", lambda target, grid=grid: target.write_bytes(grid))
     return written
 
 

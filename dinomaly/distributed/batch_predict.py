@@ -6,9 +6,12 @@ Output location (folder or s3:// prefix):
     heatmaps/<stem>-<hash>.png  overlays, when asked (colours 0 .. 2 x threshold, as the service's)
     run.json                 model source, threshold and heatmap setting of the results
     summary.json             counts, anomaly rate, images/s of the latest run
+    .incomplete/             local outputs only: files being written, renamed into place when complete
 A re-run on the same output skips every uri already in a part file (error rows included: an unreadable
-file stays unreadable), so a killed run loses at most the rows not yet flushed. Reusing an output made
-with another model or threshold is refused unless it is overwritten.
+file stays unreadable), so a killed run loses at most the rows not yet flushed. Every file appears whole
+(a local file is written under .incomplete/ and renamed; an object-store put is atomic), so the output
+stays readable whenever the run is killed; the next run removes what a killed one left in .incomplete/.
+Reusing an output made with another model or threshold is refused unless it is overwritten.
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ RESULT_SCHEMA = pa.schema([
     pa.field("error", pa.string()),  # null = scored
 ])
 RUN_FILE, SUMMARY_FILE, HEATMAP_DIR, RESULTS_DIR = "run.json", "summary.json", "heatmaps", "results"
+# Beside results/, not in it: a reader of results/ (pyarrow, pandas, Ray Data) never meets a half-written part,
+# and the leading '.' hides it from dataset discovery over the whole output too.
+INCOMPLETE_DIR = ".incomplete"
 
 
 def list_inputs(input_uri: str, config: Config) -> list[str]:
@@ -78,9 +84,26 @@ class OutputStore:
         self.fs, self.path = filesystem_for(self.uri, config.data)
         self.is_local = not split_uri(self.uri)[0]
 
+    @property
+    def incomplete(self) -> str:
+        """Where local files are written before they are renamed into place ('' for an object store)."""
+        return f"{self.path}/{INCOMPLETE_DIR}" if self.is_local else ""
+
     def _files(self) -> list[pafs.FileInfo]:
+        """The output's files, without the unfinished ones of a killed run."""
         infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=True, allow_not_found=True))
-        return [i for i in infos if i.type == pafs.FileType.File]
+        return [i for i in infos if i.type == pafs.FileType.File
+                and not (self.incomplete and i.path.startswith(f"{self.incomplete}/"))]
+
+    def discard_incomplete(self) -> None:
+        """Delete what a killed run left half-written: .incomplete/, and results/*.tmp of earlier versions."""
+        if not self.is_local:
+            return
+        if self.fs.get_file_info(self.incomplete).type == pafs.FileType.Directory:
+            self.fs.delete_dir(self.incomplete)
+        for info in self.fs.get_file_info(pafs.FileSelector(f"{self.path}/{RESULTS_DIR}", allow_not_found=True)):
+            if info.type == pafs.FileType.File and info.base_name.endswith(".tmp"):
+                self.fs.delete_file(info.path)
 
     def exists(self) -> bool:
         return bool(self._files())
@@ -115,12 +138,14 @@ class OutputStore:
             stream.write(data)
 
     def _write(self, path: str, writer) -> None:
-        """Local: write a temporary name, then rename (a crash never leaves half a file). S3 puts are atomic."""
+        """Local: write under .incomplete/, then rename into place (a kill never leaves half a file where
+        readers look). Object-store puts are atomic: written in place."""
         if not self.is_local:
             writer(path)
             return
         self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        temporary = f"{path}.tmp"
+        self.fs.create_dir(self.incomplete, recursive=True)
+        temporary = f"{self.incomplete}/{uuid.uuid4().hex[:8]}-{path.rsplit('/', 1)[-1]}"
         writer(temporary)
         self.fs.move(temporary, path)
 
@@ -138,6 +163,7 @@ def prepare_output(store: OutputStore, run: dict[str, Any], overwrite: bool) -> 
         if previous is None and not store.parts():
             raise ValueError(f"{store.uri} exists and is not a predict output; pass --overwrite to clear it, or "
                              "choose another --output")
+    store.discard_incomplete()  # only now: a folder that is not ours was refused above, untouched
     store.write_json(RUN_FILE, run)
     return set(store.results(["uri"]).column("uri").to_pylist())
 
@@ -195,13 +221,16 @@ def predict(bundle_ref, bundle: ModelBundle, config: Config, inputs: list[str], 
             heatmaps: bool = False, overwrite: bool = False, rows_per_file: int = 2000,
             progress: bool = False) -> PredictSummary:
     """Score `inputs` that are not yet in `output_uri`; write Parquet parts as results stream in."""
+    from dinomaly.distributed.resources import wait_for_batch_resources
+
+    wait_for_batch_resources(config, "predict")  # the actor pool's CPUs/GPUs, within cluster.start_timeout_s
     store = OutputStore(output_uri, config)
     run = {"model": bundle.source, "model_version": bundle.version, "threshold": threshold, "heatmaps": heatmaps}
     done = prepare_output(store, run, overwrite)
     todo = [uri for uri in inputs if uri not in done]
     logger.info("%d images to score, %d already in %s", len(todo), len(inputs) - len(todo), store.uri)
     spec = ScoreSpec(keep_maps=False, storage=StorageOptions.resolve(config.data),
-                     heatmap_uri=f"{store.uri}/{HEATMAP_DIR}" if heatmaps else "",
+                     heatmap_uri=f"{store.uri}/{HEATMAP_DIR}" if heatmaps else "", staging_dir=store.incomplete,
                      heatmap_range=(0.0, 2.0 * threshold) if threshold > 0 else None)
     counts = {"scored": 0, "errors": 0, "anomalous": 0}
     start, run_id = time.perf_counter(), f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -215,6 +244,7 @@ def predict(bundle_ref, bundle: ModelBundle, config: Config, inputs: list[str], 
         total_rows=totals.num_rows, total_errors=int(pc.count(totals.column("error")).as_py()),
         total_anomalous=int(pc.sum(totals.column("is_anomalous")).as_py() or 0), **counts)
     store.write_json(SUMMARY_FILE, result.as_dict())
+    store.discard_incomplete()  # empty by now: leave no staging folder in a finished output
     return result
 
 

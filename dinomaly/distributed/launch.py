@@ -27,6 +27,12 @@ import yaml
 
 from dinomaly.config import Config, apply_overrides, to_dict
 from dinomaly.data.manifest import load_manifest, select
+from dinomaly.distributed.resources import (
+    check_resources,
+    is_start_timeout,
+    start_timeout_error,
+    train_request,
+)
 from dinomaly.distributed.tracking import close_run, json_safe, open_run, resolve_tracking_uri
 
 logger = logging.getLogger(__name__)
@@ -146,7 +152,8 @@ def train(config: Config, *, init_from: str = "", batches: list | None = None, s
     """Run training as configured (Ray must be initialised); 'separate' trains one model per class.
 
     batches: fixed global batches instead of config.data (then nothing is evaluated). output_dir: where the
-    final checkpoint, config.yaml and metrics.json are written (None = nowhere).
+    final checkpoint, config.yaml and metrics.json are written (None = nowhere). Raises ResourcesUnavailable
+    (naming what holds them) when the workers' CPUs/GPUs never fit or stay taken for cluster.start_timeout_s.
     """
     config = prepare_config(config)
     if config.train.setting == "separate" and batches is None:
@@ -162,7 +169,7 @@ def _train_one(config: Config, *, init_from: str, batches: list | None, stop_at_
 
     # torch/timm-heavy imports here, so that a refused configuration fails within a second or two
     from dinomaly.distributed.batches import ManifestBatches, RayDataBatches, TensorBatches
-    from dinomaly.distributed.training import TrainJob, build_trainer
+    from dinomaly.distributed.training import TrainJob, build_trainer, worker_resources
 
     datasets, test_rows = None, None
     if batches is not None:
@@ -175,14 +182,22 @@ def _train_one(config: Config, *, init_from: str, batches: list | None, stop_at_
             from dinomaly.distributed.datasets import train_dataset
 
             datasets, source = {"train": train_dataset(train_rows, config)}, RayDataBatches(config)
+    cluster_cpus = ray.cluster_resources().get("CPU")
+    request = train_request(config, worker_resources(config, datasets is not None, cluster_cpus))
+    check_resources(request, config.cluster.start_timeout_s)  # bounded wait; before the MLflow run opens
     run_id = open_run(config, config.name) if config.tracking.enabled else None
     progress = _progress_queue() if on_progress else None
     job = TrainJob(config=config, source=source, test_table=test_rows, init_from=init_from, mlflow_run_id=run_id,
                    stop_at_step=stop_at_step, progress=progress, status_dir=status_dir)
-    trainer = build_trainer(config, job, datasets, ray.cluster_resources().get("CPU"))
+    trainer = build_trainer(config, job, datasets, cluster_cpus)
     status, data_errors = "FAILED", None
     try:
-        result = _fit_with_progress(trainer, progress, on_progress)
+        try:
+            result = _fit_with_progress(trainer, progress, on_progress)
+        except Exception as err:  # the resources went elsewhere after the check: Train's bounded retries ran out
+            if is_start_timeout(err):
+                raise start_timeout_error(request, config.cluster.start_timeout_s) from err
+            raise
         status = "FINISHED" if stop_at_step is None or stop_at_step >= config.train.total_steps else "KILLED"
     finally:
         if datasets is not None:
@@ -273,10 +288,20 @@ def _train_separate(config: Config, init_from: str, on_progress, output_dir) -> 
     """One Ray Train run per class (<name>-<class>, registered as <model>-<class>), as many at once as fit."""
     import ray
 
+    from dinomaly.distributed.training import worker_resources
+
     manifest = load_manifest(config.data)
     classes = sorted(set(manifest.column("category").to_pylist()))
+    per_worker = worker_resources(config, config.train.data_source == "ray_data", ray.cluster_resources().get("CPU"))
+    # as many runs at once as the resources free now hold (not the cluster's total): a run queued behind its
+    # siblings waits for their end and could run out of cluster.start_timeout_s
+    free = ray.available_resources()
+    check_resources(train_request(config, per_worker), config.cluster.start_timeout_s)  # one run must fit
     per_run_cpus = config.train.num_workers * (config.train.cpus_per_worker or 1.0)
-    parallel = max(1, min(len(classes), int(ray.cluster_resources().get("CPU", 1) // per_run_cpus)))
+    parallel = int(free.get("CPU", 0.0) // per_run_cpus)
+    if config.train.use_gpu:
+        parallel = min(parallel, int(free.get("GPU", 0.0) // config.train.num_workers))
+    parallel = max(1, min(len(classes), parallel))
     registered = config.tracking.registered_model_name
 
     def one(name: str) -> TrainOutcome:

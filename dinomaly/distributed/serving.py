@@ -32,6 +32,7 @@ from starlette.formparsers import MultiPartException
 
 from dinomaly.config import Config
 from dinomaly.distributed.model_source import ResolvedModel, resolve_model
+from dinomaly.distributed.resources import check_resources, serve_request
 from dinomaly.serving_api import (
     RAW_CONTENT_TYPES,
     SUPPORTED_FORMATS,
@@ -294,12 +295,16 @@ def start(model_uri: str, config: Config) -> str:
     """Deploy on the running (or a new local) Ray cluster; returns the app URL once it serves.
 
     HTTP binds config.serve.host:port (127.0.0.1 unless configured). serve.run blocks until every replica
-    has loaded the model; a replica that cannot load fails the call instead of restarting forever.
+    has loaded the model; a replica that cannot load fails the call instead of restarting forever. Before
+    that, the replicas' CPUs/GPUs must be free within cluster.start_timeout_s, else ResourcesUnavailable
+    names what holds them (Serve itself would wait for them without end).
     """
     import ray
 
     if not ray.is_initialized():
         ray.init(log_to_driver=False)  # RAY_ADDRESS, when set, attaches to that cluster instead
+    if APP_NAME not in serve.status().applications:  # a redeploy replaces the app's own replicas: no check
+        check_resources(serve_request(config, APP_NAME), config.cluster.start_timeout_s)
     s = config.serve
     serve.start(http_options={"host": s.host, "port": s.port})
     serve.run(build_app(model_uri, config), name=APP_NAME, route_prefix=s.route_prefix)

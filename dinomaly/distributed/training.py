@@ -47,7 +47,9 @@ class TrainJob:
     stop_at_step: end this invocation after that step (the schedule still spans train.total_steps), with a
     checkpoint, so a later fit() of the same run resumes there. progress: a ray.util.queue.Queue that rank 0
     feeds with one dict per report. status_dir: each worker keeps rank<r>.json there ({pid, step}), for
-    operators and fault-injection tests to find the worker processes.
+    operators and fault-injection tests to find the worker processes; a file hold-rank<r>-step<s> placed
+    there makes rank r, once it has reported step s, rename it to hold-rank<r>-step<s>.held and wait
+    until that file is deleted (or the process killed), so a test can kill a worker at a known step.
     """
 
     config: Config
@@ -182,10 +184,20 @@ def _global_losses(records: list[dict], world: int) -> list[dict]:
 
 
 def _write_status(job: TrainJob, rank: int, step: int) -> None:
-    if job.status_dir:
-        path = Path(job.status_dir) / f"rank{rank}.json"
-        path.with_suffix(".tmp").write_text(json.dumps({"pid": os.getpid(), "step": step}))
-        path.with_suffix(".tmp").replace(path)
+    """rank<r>.json = {pid, step}; then, if status_dir holds hold-rank<r>-step<s>, hold there (see TrainJob)."""
+    if not job.status_dir:
+        return
+    path = Path(job.status_dir) / f"rank{rank}.json"
+    path.with_suffix(".tmp").write_text(json.dumps({"pid": os.getpid(), "step": step}))
+    path.with_suffix(".tmp").replace(path)
+    request = Path(job.status_dir) / f"hold-rank{rank}-step{step}"
+    held = request.with_name(f"{request.name}.held")
+    try:
+        request.rename(held)  # claimed once: a restarted worker passing the same step goes on
+    except FileNotFoundError:
+        return
+    while held.exists():
+        time.sleep(0.1)
 
 
 def train_worker(loop_config: dict) -> dict:
@@ -342,6 +354,8 @@ def build_trainer(config: Config, job: TrainJob, datasets: dict | None = None, c
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from dinomaly.distributed.resources import bound_train_start
+
     tc = config.train
     resources = worker_resources(config, bool(datasets), cluster_cpus)
     job = dataclasses.replace(job, threads_per_worker=max(1, int(resources["CPU"])))
@@ -349,7 +363,9 @@ def build_trainer(config: Config, job: TrainJob, datasets: dict | None = None, c
     run_config = RunConfig(
         name=config.name, storage_path=storage_path, storage_filesystem=filesystem,
         checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints or None),
-        failure_config=FailureConfig(max_failures=tc.max_failures),
+        # worker start-up retries bounded by cluster.start_timeout_s (Ray's default retries them forever)
+        failure_config=FailureConfig(max_failures=tc.max_failures,
+                                     controller_failure_limit=bound_train_start(config.cluster.start_timeout_s)),
         logging_config=LoggingConfig(log_level="WARNING"))  # rank 0's progress notes replace Ray's per-report lines
     return TorchTrainer(
         train_worker, train_loop_config={"job": job},

@@ -8,7 +8,8 @@ restored sweep re-runs the function and the Train run resumes from its latest ch
 The workers run dinomaly.loop.train_steps from images or from the feature cache (dinomaly.features),
 stop at tune.evaluations evenly spaced points, compute the objective there and report it with a
 checkpoint. A loss or gradient norm that is NaN/inf (or above tune.max_loss) fails the trial with
-TrialDiverged; Tune records the reason and the sweep goes on.
+TrialDiverged; Tune records the reason and the sweep goes on. So does a trial whose workers' CPUs/GPUs are
+not free within cluster.start_timeout_s (TrialFailed naming what holds them).
 """
 
 from __future__ import annotations
@@ -30,6 +31,14 @@ from dinomaly.config import Config, apply_overrides, parse_search_spec
 from dinomaly.data.dataset import ManifestDataset, iterate_batches
 from dinomaly.distributed.batches import ManifestBatches
 from dinomaly.distributed.evaluation import evaluate_distributed, json_safe
+from dinomaly.distributed.resources import (
+    ResourcesUnavailable,
+    bound_train_start,
+    check_resources,
+    is_start_timeout,
+    start_timeout_error,
+    train_request,
+)
 from dinomaly.distributed.tracking import open_run, run_logger
 from dinomaly.distributed.training import storage_for, worker_resources
 from dinomaly.features import FeatureBatches, FeatureCache, FeatureInput
@@ -115,10 +124,19 @@ def run_trial(params: dict[str, Any], spec: SweepSpec) -> None:
         run_config=ray.train.RunConfig(
             name=trial_id, storage_path=storage_path, storage_filesystem=filesystem,
             callbacks=[TuneReportCallback()], checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-            failure_config=ray.train.FailureConfig(max_failures=0)))  # divergence is deterministic: no retry
+            # divergence is deterministic: no retry; worker start-up retries bounded by cluster.start_timeout_s
+            failure_config=ray.train.FailureConfig(
+                max_failures=0, controller_failure_limit=bound_train_start(config.cluster.start_timeout_s))))
+    request = train_request(config, resources, what=f"trial {trial_id}")
+    try:  # a trial that cannot get its workers in time fails with the reason; the sweep goes on
+        check_resources(request, config.cluster.start_timeout_s)
+    except ResourcesUnavailable as err:
+        raise TrialFailed(str(err)) from None
     try:
         trainer.fit()
     except ray.train.TrainingFailedError as err:
+        if is_start_timeout(err):
+            raise TrialFailed(str(start_timeout_error(request, config.cluster.start_timeout_s))) from None
         raise TrialFailed(failure_reason(err)) from None
 
 

@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 
 from dinomaly.config import Config, apply_overrides, flatten, parse_search_spec
 from dinomaly.distributed.launch import load_tables
+from dinomaly.distributed.resources import Request, amounts, check_resources
 from dinomaly.distributed.sweep_tracking import finish_tracking, open_parent_run
 from dinomaly.distributed.training import storage_for
 from dinomaly.distributed.trial import SweepSpec, run_trial
@@ -180,8 +181,11 @@ def ensure_feature_cache(config: Config, train_rows: pa.Table, eval_rows: pa.Tab
     rows = pa.concat_tables([train_rows, eval_rows]) if objective == "holdout_loss" else train_rows
     root = config.tune.cache_root or f"{config.output_root.rstrip('/')}/feature_cache"
     device = "cuda" if config.train.use_gpu else "cpu"
-    task = ray.remote(num_cpus=config.train.cpus_per_worker or 1.0, num_gpus=1 if config.train.use_gpu else 0)(
-        build_feature_cache)
+    needs = {"CPU": config.train.cpus_per_worker or 1.0, "GPU": 1.0 if config.train.use_gpu else 0.0}
+    check_resources(Request(what=f"the feature cache of sweep '{config.name}'", bundles=(needs,),
+                            label=f"1 task x {amounts(needs)}", fix="lower train.cpus_per_worker or set "
+                            "tune.feature_cache=false"), config.cluster.start_timeout_s)
+    task = ray.remote(num_cpus=needs["CPU"], num_gpus=needs["GPU"])(build_feature_cache)
     return ray.get(task.remote(rows, config, root, config.eval.batch_size, device))
 
 
@@ -239,7 +243,9 @@ def run_sweep(config: Config, *, resume: bool = False, output_dir: str | Path | 
     """Run (or with resume=True finish) the sweep described by config.tune; Ray must be initialised.
 
     output_dir: where tune_results.csv/.json go (None = the sweep folder when it is local). callbacks: extra
-    ray.tune.Callback objects. Failed trials do not raise: they are ranked last with their reason.
+    ray.tune.Callback objects. Failed trials do not raise: they are ranked last with their reason (a trial
+    whose workers do not get their CPUs/GPUs within cluster.start_timeout_s is one). ResourcesUnavailable
+    when not even a trial's driver (tune.driver_cpus) or the feature-cache task can be placed in that time.
     """
     from ray import tune
 
@@ -264,6 +270,11 @@ def run_sweep(config: Config, *, resume: bool = False, output_dir: str | Path | 
                                    storage_filesystem=filesystem)
     else:
         tuner = _tuner(config, spec, mode, list(callbacks or []))
+    # Tune waits without end for a trial's driver slot; each trial then waits (bounded) for its own workers
+    driver = {"CPU": config.tune.driver_cpus}
+    check_resources(Request(what=f"sweep '{config.name}'", bundles=(driver,), label=f"1 trial driver x "
+                            f"{amounts(driver)} to start its trials", fix="lower tune.driver_cpus"),
+                    config.cluster.start_timeout_s)
     before = _placement_groups()
     try:
         grid = tuner.fit()
@@ -331,8 +342,9 @@ def _reason(error: BaseException | None) -> str:
     if error is None:
         return ""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    marked = [line for line in lines if line.startswith(("TrialFailed", "TrialDiverged", "ValueError"))
-              or "TrialFailed:" in line or "TrialDiverged:" in line]
+    marked = [line for line in lines if line.startswith(("TrialFailed", "TrialDiverged", "ValueError",
+                                                         "ResourcesUnavailable"))
+              or "TrialFailed:" in line or "TrialDiverged:" in line or "ResourcesUnavailable:" in line]
     return (marked[-1] if marked else lines[-1] if lines else type(error).__name__)[:500]
 
 
