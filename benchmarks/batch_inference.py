@@ -160,9 +160,9 @@ def run_loop(manifest: Path, checkpoint: Path, with_metrics: bool) -> dict:
 def run_ray(what: str, manifest: Path, checkpoint: Path, pixel_metrics: str, actors: int) -> dict:
     import ray
 
-    from dinomaly.distributed.batch import load_bundle
-    from dinomaly.distributed.batch_evaluate import evaluate, test_rows
-    from dinomaly.distributed.batch_predict import list_inputs, predict
+    from dinomaly.distributed.batch.evaluate import evaluate, test_rows
+    from dinomaly.distributed.batch.predict import list_inputs, predict
+    from dinomaly.distributed.batch.scoring import load_bundle
 
     overrides = [f"data.root={manifest}", f"eval.pixel_metrics={pixel_metrics}", f"eval.actors={actors}"]
     bundle = load_bundle(str(checkpoint), None, overrides)

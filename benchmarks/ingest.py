@@ -1,4 +1,4 @@
-"""Ingest throughput and memory of the Ray Data pipeline (dinomaly.distributed.datasets).
+"""Ingest throughput and memory of the Ray Data pipeline (dinomaly.distributed.train.data).
 
     throughput: images/s decoded + resized + cropped (+ normalised on the consumer) to crop px, from the
                 local disk and from a moto S3 server, Ray Data (our map over manifest rows, and the
@@ -43,7 +43,7 @@ from dinomaly.data.dataset import ManifestDataset, collate_samples  # noqa: E402
 from dinomaly.data.manifest import MANIFEST_SCHEMA, write_manifest  # noqa: E402
 from dinomaly.data.storage import filesystem_for, upload_tree  # noqa: E402
 from dinomaly.data.transforms import decode_image, normalize, resize_crop_image  # noqa: E402
-from dinomaly.distributed.datasets import count_errors, iter_train_batches, train_dataset  # noqa: E402
+from dinomaly.distributed.train.data import count_errors, iter_train_batches, train_dataset  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import fixtures_s3  # noqa: E402  (the test suite's moto server helpers)

@@ -120,7 +120,7 @@ def serve_figures(config: Config, checkpoint: Path, image: bytes, levels: list[i
                   batch: int) -> list[tuple[str, int, dict[str, float]]]:
     from ray import serve
 
-    from dinomaly.distributed.serving import build_app
+    from dinomaly.distributed.serve.app import build_app
 
     rows = []
     for label, max_batch in (("batched", batch), ("unbatched", 1)):

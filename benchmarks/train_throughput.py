@@ -38,7 +38,7 @@ def measure(config, notes: list[dict]) -> dict:
 
 def run_fit(data_root: str, storage: str, workers: int, source: str, steps: int) -> dict:
     from dinomaly.config import load_config
-    from dinomaly.distributed.launch import train
+    from dinomaly.distributed.train.run import train
 
     config = load_config("demo", {"data.root": data_root, "train.num_workers": workers, "train.data_source": source,
                                   "train.total_steps": 2 * steps, "train.log_every": 10, "train.checkpoint_every": 0,

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from dinomaly.config import Config, load_config  # noqa: E402
 from dinomaly.data.demo import generate_demo_dataset  # noqa: E402
 from dinomaly.data.manifest import load_manifest, select  # noqa: E402
-from dinomaly.distributed.batches import ManifestBatches  # noqa: E402
+from dinomaly.distributed.train.batches import ManifestBatches  # noqa: E402
 from dinomaly.features import FeatureBatches, FeatureInput, build_feature_cache  # noqa: E402
 from dinomaly.loop import seed_everything, train_steps  # noqa: E402
 from dinomaly.model.dinomaly import Dinomaly  # noqa: E402
@@ -75,7 +75,7 @@ def per_step(config: Config, cache_root: str, steps: int) -> None:
 
 
 def sweep(config: Config) -> tuple[float, int]:
-    from dinomaly.distributed.tuning import run_sweep
+    from dinomaly.distributed.tune.sweep import run_sweep
 
     start = time.perf_counter()
     outcome = run_sweep(config)

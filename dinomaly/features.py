@@ -4,7 +4,7 @@ The encoder never trains and the training transforms (resize, centre crop, norma
 so an image's encoder outputs are the same in every step, epoch and Tune trial. The cache stores them
 once per dataset + encoder + transform; trials then run only the bottleneck and decoder
 (`Dinomaly.forward_from_encoder`). Batches come in exactly the order of the image reader
-(dinomaly.distributed.batches.ManifestBatches), so a trial trains on the same numbers either way.
+(dinomaly.distributed.train.batches.ManifestBatches), so a trial trains on the same numbers either way.
 
 Layout: <cache_root>/<encoder>-<key>/features.arrow, an Arrow IPC file with one record batch per computed
 batch (columns image_uri: string, features: fixed_size_list<float32>[L*N*D]), and meta.json (written

@@ -1,6 +1,6 @@
 """The Ray-free half of the scoring service: request validation, image limits, thresholds, heatmaps, auth.
 
-`dinomaly.distributed.serving` puts this behind Ray Serve (HTTP, batching, replicas); everything that
+`dinomaly.distributed.serve.app` puts this behind Ray Serve (HTTP, batching, replicas); everything that
 decides what a request means or what a response says lives here, so it is tested without a cluster.
 The image path is exactly the evaluation's: `decode_image` -> `resize_crop_image` -> `normalize` ->
 `Predictor.predict` (no second implementation of the transforms or the scoring).
@@ -115,7 +115,7 @@ def resolve_threshold(override: float | None, method: str, metadata: Mapping[str
     """(threshold, where it came from): serve.threshold, then registry version tags, then checkpoint metadata.
 
     `method` ('image_f1_optimal' or 'image_normal_quantile', the names training writes) is looked up as
-    a registry tag ('threshold_<method>', as dinomaly.distributed.training registers it, or bare), then in
+    a registry tag ('threshold_<method>', as dinomaly.distributed.train.worker registers it, or bare), then in
     metadata["thresholds"] (what training saves) or at the top level of metadata; a plain 'threshold' tag
     or metadata key is the last resort. Raises ValueError when there
     is none: a verdict needs a threshold, so this is a start-up error.
@@ -219,7 +219,7 @@ class ScoringService:
     """A loaded model plus its threshold and limits: bytes in, prediction dicts out.
 
     `score` is the one batched call (a list of model inputs -> one forward); HTTP and batching live in
-    dinomaly.distributed.serving.
+    dinomaly.distributed.serve.app.
     """
 
     def __init__(self, predictor: Predictor, model_config: DinomalyConfig, serve_config: ServeConfig,

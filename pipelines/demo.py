@@ -16,8 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before anything imports Ray: loopback only
-os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+import dinomaly.distributed  # noqa: F401 - sets Ray's loopback environment before Ray is imported
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     from dinomaly.config import load_config
     from dinomaly.data.demo import generate_demo_dataset
     from dinomaly.data.manifest import build_manifest, format_counts, records_from_config, write_manifest
-    from dinomaly.distributed import launch
-    from dinomaly.distributed.progress import ProgressFormatter, summary_lines
+    from dinomaly.distributed.train import run as launch
+    from dinomaly.distributed.train.progress import ProgressFormatter, summary_lines
 
     root = generate_demo_dataset(args.data)
     overrides = {"data.root": str(root), "data.layout": "mvtec", "train.num_workers": args.workers}

@@ -25,15 +25,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep every Ray socket on loopback
-
-from dinomaly.config import help_text  # noqa: E402
-from dinomaly.metrics import format_table  # noqa: E402
+import dinomaly.distributed  # noqa: F401 - sets Ray's loopback environment before Ray is imported
+from dinomaly.config import help_text
+from dinomaly.metrics import format_table
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     import ray
 
-    from dinomaly.distributed.batch import load_bundle
-    from dinomaly.distributed.batch_evaluate import evaluate, log_to_mlflow, test_rows, write_outputs
-    from dinomaly.distributed.launch import ensure_ray
+    from dinomaly.distributed.batch.evaluate import evaluate, log_to_mlflow, test_rows, write_outputs
+    from dinomaly.distributed.batch.scoring import load_bundle
+    from dinomaly.distributed.cluster import ensure_ray
     from dinomaly.distributed.resources import ResourcesUnavailable
 
     try:  # data.layout stays the preset's / checkpoint's (e.g. realiad + its json variant); .parquet = manifest
@@ -68,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     output = Path(args.output or f"runs/evaluate-{bundle.name or 'model'}")
-    started = not ray.is_initialized()  # attach to RAY_ADDRESS / a running Ray, or start (and stop) one
-    ensure_ray()
+    started = ensure_ray()  # attach to RAY_ADDRESS / a running Ray, or start (and stop) one
     try:
         result = evaluate(ray.put(bundle), bundle.config, table, heatmaps=args.heatmaps)
         info = write_outputs(result, bundle, bundle.config, output)

@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep every Ray socket on loopback
-
-from dinomaly.config import help_text  # noqa: E402
+import dinomaly.distributed  # noqa: F401 - sets Ray's loopback environment before Ray is imported
+from dinomaly.config import help_text
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     import ray
 
-    from dinomaly.distributed.batch import load_bundle
-    from dinomaly.distributed.batch_predict import list_inputs, predict
-    from dinomaly.distributed.launch import ensure_ray
+    from dinomaly.distributed.batch.predict import list_inputs, predict
+    from dinomaly.distributed.batch.scoring import load_bundle
+    from dinomaly.distributed.cluster import ensure_ray
     from dinomaly.distributed.resources import ResourcesUnavailable
     from dinomaly.serving_api import resolve_threshold
 
@@ -67,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         hint = " (pass --threshold)" if "threshold" in str(err) else ""
         print(f"error: {err}{hint}", file=sys.stderr)
         return 2
-    started = not ray.is_initialized()  # attach to RAY_ADDRESS / a running Ray, or start (and stop) one
-    ensure_ray()
+    started = ensure_ray()  # attach to RAY_ADDRESS / a running Ray, or start (and stop) one
     try:
         summary = predict(ray.put(bundle), bundle, bundle.config, inputs, args.output, threshold,
                           heatmaps=args.heatmaps, overwrite=args.overwrite, rows_per_file=args.rows_per_file,

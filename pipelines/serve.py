@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 from typing import Any
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep every Ray socket on loopback
-
-from dinomaly.config import Config, apply_overrides, help_text, load_config  # noqa: E402
-from dinomaly.distributed import serving  # noqa: E402
-from dinomaly.distributed.resources import ResourcesUnavailable  # noqa: E402
+import dinomaly.distributed  # noqa: F401 - sets Ray's loopback environment before Ray is imported
+from dinomaly.config import Config, apply_overrides, help_text, load_config
+from dinomaly.distributed.resources import ResourcesUnavailable
+from dinomaly.distributed.serve import app as serving
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before anything imports Ray: loopback only
-os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-
+import dinomaly.distributed  # noqa: F401 - sets Ray's loopback environment before Ray is imported
 from dinomaly.config import Config, apply_overrides, help_text, load_config
 
 FLAG_KEYS = {  # convenience flag -> config key (anything else: --set key=value)
@@ -76,9 +73,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from dinomaly.distributed import launch
-    from dinomaly.distributed.progress import ProgressFormatter, summary_lines
     from dinomaly.distributed.resources import ResourcesUnavailable
+    from dinomaly.distributed.train import run as launch
+    from dinomaly.distributed.train.progress import ProgressFormatter, summary_lines
 
     try:
         config = launch.prepare_config(config_from_args(args))

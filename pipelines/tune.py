@@ -30,13 +30,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before anything imports Ray: loopback only
-os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-
-from dinomaly.config import Config, apply_overrides, help_text, load_config  # noqa: E402
+import dinomaly.distributed  # noqa: F401 - sets Ray's loopback environment before Ray is imported
+from dinomaly.config import Config, apply_overrides, help_text, load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,8 +72,9 @@ def _space_entry(text: str) -> tuple[str, str]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from dinomaly.distributed import launch, tuning
     from dinomaly.distributed.resources import ResourcesUnavailable
+    from dinomaly.distributed.train import run as launch
+    from dinomaly.distributed.tune import sweep as tuning
 
     try:
         config = launch.prepare_config(config_from_args(args))

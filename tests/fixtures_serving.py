@@ -116,7 +116,7 @@ def serve_app(ray_session, served_model) -> ServedModel:
     """Serve running on a free loopback port with the tiny model at route '/' (no auth); shut down after the module."""
     from ray import serve
 
-    from dinomaly.distributed.serving import build_app
+    from dinomaly.distributed.serve.app import build_app
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

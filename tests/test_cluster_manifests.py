@@ -187,7 +187,7 @@ def test_serve_app_args_are_config_keys():
             built = apply_overrides(load_config(args.pop("config", None)), args)
             assert built.serve.max_ongoing_requests >= built.serve.max_batch_size
             for deployment in app.get("deployments", []):
-                assert f"class {deployment['name']}" in (REPO / "dinomaly/distributed/serving.py").read_text()
+                assert f"class {deployment['name']}" in (REPO / "dinomaly/distributed/serve/app.py").read_text()
 
 
 def test_runtime_env_matches_the_pod_environment():

@@ -1,4 +1,4 @@
-"""The Ray Data pipeline (dinomaly.distributed.datasets) on a real local Ray cluster and a real S3 server.
+"""The Ray Data pipeline (dinomaly.distributed.train.data) on a real local Ray cluster and a real S3 server.
 
 Structural-error tests come first and do not start Ray: with every Ray entry point of the module
 replaced by a stand-in that fails (`no_ray_work`), they prove the checks run on the driver before any
@@ -22,7 +22,7 @@ from dinomaly.config import Config, apply_overrides
 from dinomaly.data.layouts import read_layout
 from dinomaly.data.manifest import MANIFEST_SCHEMA, build_manifest, write_manifest
 from dinomaly.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from dinomaly.distributed.datasets import (
+from dinomaly.distributed.train.data import (
     ErrorCounter,
     count_errors,
     eval_dataset,
@@ -89,13 +89,13 @@ class _NoRay:
 
 @pytest.fixture
 def no_ray_work(monkeypatch):
-    """Any Ray use by dinomaly.distributed.datasets fails, whether or not this process has a cluster up.
+    """Any Ray use by dinomaly.distributed.train.data fails, whether or not this process has a cluster up.
 
     The module's `ray` and its bad-file actor class are replaced, so a dataset, an ErrorCounter actor or
     a cluster query made before a structural check raises RayWorkBeforeChecks instead of the expected
     error; ray.init is replaced too, against an auto-start from anywhere else.
     """
-    from dinomaly.distributed import datasets
+    from dinomaly.distributed.train import data as datasets
 
     monkeypatch.setattr(datasets, "ray", _NoRay("ray"))
     monkeypatch.setattr(datasets, "_ErrorLog", _NoRay("_ErrorLog"))

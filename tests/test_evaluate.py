@@ -119,7 +119,7 @@ def test_heatmaps_of_highest_scored_normal_and_defective_images(setup, exact_run
 def test_class_streams_equal_all_in_memory_and_free_each_class():
     """Batches that interleave classes in uneven sizes: each class is computed once complete and then freed;
     'exact' equals compute_metrics on the whole class, 'streaming' is within 1e-5 (image metrics exact)."""
-    from dinomaly.distributed.batch_evaluate import ClassStreams
+    from dinomaly.distributed.batch.evaluate import ClassStreams
 
     rng = np.random.default_rng(0)
     count, size = 24, 32
@@ -192,7 +192,7 @@ def test_streaming_pixel_metrics_match_exact_and_log_to_mlflow(setup, exact_run,
 
 def test_outputs_are_replaced_whole_or_not_at_all(tmp_path):
     """A writer that dies halfway (as under SIGKILL) leaves the previous file as it was, never half of the new."""
-    from dinomaly.distributed.batch_evaluate import replace_atomically
+    from dinomaly.distributed.batch.evaluate import replace_atomically
 
     target = tmp_path / "metrics.json"
     target.write_text('{"old": 1}')

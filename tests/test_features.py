@@ -7,7 +7,7 @@ import torch
 
 from dinomaly.config import load_config
 from dinomaly.data.manifest import load_manifest, select
-from dinomaly.distributed.batches import ManifestBatches
+from dinomaly.distributed.train.batches import ManifestBatches
 from dinomaly.features import FeatureBatches, FeatureCache, FeatureInput, build_feature_cache, cache_uri
 from dinomaly.loop import seed_everything, train_steps
 from dinomaly.model.dinomaly import Dinomaly

@@ -173,7 +173,7 @@ TINY_BATCHES = [torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_see
 def test_a_training_run_fails_within_the_bound_naming_the_holder_then_runs(ray_session, hold_cpus, tmp_path):
     import ray
 
-    from dinomaly.distributed.launch import train
+    from dinomaly.distributed.train.run import train
 
     holder = hold_cpus(3.5)  # 0.5 CPU free: the run's 1 CPU fits the cluster, not now
     with pytest.raises(ResourcesUnavailable) as caught:
@@ -193,7 +193,7 @@ def test_ray_trains_own_start_up_wait_is_bounded(ray_session, hold_cpus, tmp_pat
     error is ours, with the numbers and the holder, not an endless 'worker group startup timed out'."""
     import ray.train
 
-    from dinomaly.distributed import launch
+    from dinomaly.distributed.train import run as launch
 
     monkeypatch.setattr(launch, "check_resources", lambda *args, **kwargs: None)
     monkeypatch.delenv(resources.TRAIN_START_TIMEOUT_ENV, raising=False)
@@ -211,8 +211,8 @@ def test_a_tune_trial_that_cannot_be_placed_in_time_fails_with_the_reason(ray_se
                                                                            demo_root):
     """Two trials: 1 CPU per worker fits beside the 1.5 held CPUs, 3.5 fits the cluster but not now. The second
     is ranked failed with the numbers and the holder; the first completes; run_sweep returns."""
-    from dinomaly.distributed.launch import prepare_config
-    from dinomaly.distributed.tuning import run_sweep
+    from dinomaly.distributed.train.run import prepare_config
+    from dinomaly.distributed.tune.sweep import run_sweep
 
     values = {"name": "blocked-sweep", "output_root": str(tmp_path / "runs"), "data.root": str(demo_root),
               "model.image_size": 64, "model.crop_size": 56, "train.batch_size": 4, "train.total_steps": 2,
@@ -235,7 +235,7 @@ def test_a_tune_trial_that_cannot_be_placed_in_time_fails_with_the_reason(ray_se
 def test_serving_refuses_replicas_that_cannot_be_placed_before_serve_starts(ray_session, hold_cpus):
     from ray import serve
 
-    from dinomaly.distributed import serving
+    from dinomaly.distributed.serve import app as serving
 
     config = load_config("demo", {"serve.num_replicas": 8, "cluster.start_timeout_s": 600})
     with pytest.raises(ResourcesUnavailable, match=r"Serve app 'dinomaly' needs 8 replicas x 1 CPU \(8 CPU\), which "
@@ -256,7 +256,8 @@ def test_evaluate_and_predict_check_their_actor_pool_first(ray_session, monkeypa
     wait for the pool's actors is bounded by cluster.start_timeout_s."""
     from ray.data import DataContext
 
-    from dinomaly.distributed import batch_evaluate, batch_predict
+    from dinomaly.distributed.batch import evaluate as batch_evaluate
+    from dinomaly.distributed.batch import predict as batch_predict
 
     monkeypatch.setattr(DataContext.get_current(), "wait_for_min_actors_s", -1)
     monkeypatch.setattr(resources, "_data_wait_set", None)

@@ -82,7 +82,7 @@ def test_serve_config_validation():
 
 
 def test_deployment_options_follow_the_serve_config():
-    from dinomaly.distributed.serving import deployment_options
+    from dinomaly.distributed.serve.app import deployment_options
 
     fixed = deployment_options(apply_overrides(Config(), {"serve.num_replicas": 2, "serve.num_gpus": 1.0}))
     assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed
@@ -119,7 +119,7 @@ def test_pipeline_refuses_a_model_it_cannot_load(tmp_path, served_model, capsys)
 @pytest.mark.slow
 def test_model_from_an_s3_prefix(moto_s3, served_model):
     """s3:// checkpoints are copied to a temporary folder (moto's S3 server) and removed by cleanup()."""
-    from dinomaly.distributed.model_source import resolve_model
+    from dinomaly.distributed.models import resolve_model
 
     uri = moto_s3.upload(served_model.checkpoint, "models/tiny")
     resolved = resolve_model(uri, served_model.config)
@@ -253,7 +253,7 @@ def registry_app(serve_app, mlflow_template, tmp_path_factory):
     from mlflow import MlflowClient
     from ray import serve
 
-    from dinomaly.distributed.serving import build_app
+    from dinomaly.distributed.serve.app import build_app
     from dinomaly.distributed.tracking import RunLogger, open_run
 
     root = tmp_path_factory.mktemp("registry")

@@ -10,7 +10,6 @@ import pytest
 from PIL import Image
 
 from dinomaly.config import Config, TrackingConfig, apply_overrides
-from dinomaly.distributed.evaluation import assign_classes
 from dinomaly.distributed.tracking import (
     RUN_NAME_TAG,
     NullRunLogger,
@@ -21,6 +20,7 @@ from dinomaly.distributed.tracking import (
     resolve_tracking_uri,
     run_logger,
 )
+from dinomaly.distributed.train.evaluation import assign_classes
 from dinomaly.thresholds import f1_optimal_threshold, normal_quantile_threshold
 from dinomaly.visualize import colorize, image_grid, overlay
 

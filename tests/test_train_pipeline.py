@@ -47,7 +47,7 @@ def test_help_explains_every_option_and_the_config_keys(pipeline, capsys):
 
 
 def test_flags_map_to_config_keys_and_deterministic_mode_resolves(pipeline):
-    from dinomaly.distributed.launch import prepare_config
+    from dinomaly.distributed.train.run import prepare_config
 
     args = pipeline.build_parser().parse_args([
         "--config", "demo", "--data", "s3://bucket/m.parquet", "--categories", "nut, pill", "--setting", "separate",
@@ -86,7 +86,7 @@ def bad_cases(tmp: Path, demo_root: Path) -> list[tuple[list[str], str]]:
 
 def test_bad_configurations_fail_on_the_driver_before_ray_starts(pipeline, demo_root, tmp_path, monkeypatch,
                                                                   capsys):
-    from dinomaly.distributed import launch
+    from dinomaly.distributed.train import run as launch
 
     def no_ray():
         pytest.fail("Ray was started for a configuration that should have been refused")

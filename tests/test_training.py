@@ -17,7 +17,7 @@ from conftest import reference_model_config
 from safetensors.torch import load
 
 from dinomaly.config import Config, DataConfig, EvalConfig, TrackingConfig, TrainConfig
-from dinomaly.distributed.launch import train
+from dinomaly.distributed.train.run import train
 
 pytestmark = pytest.mark.slow
 TRAJECTORY_STEPS = (1, 5, 10, 20, 30)
@@ -133,8 +133,8 @@ def one_process_reference(config: Config, steps: int) -> tuple[list[dict], dict[
     import itertools
 
     from dinomaly.data.manifest import load_manifest, select
-    from dinomaly.distributed.batches import ManifestBatches
-    from dinomaly.distributed.launch import prepare_config
+    from dinomaly.distributed.train.batches import ManifestBatches
+    from dinomaly.distributed.train.run import prepare_config
     from dinomaly.loop import seed_everything, train_steps
     from dinomaly.model.dinomaly import Dinomaly
 

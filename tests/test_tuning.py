@@ -20,9 +20,9 @@ from conftest import REPO
 from ray import tune
 
 from dinomaly.config import load_config
-from dinomaly.distributed.launch import prepare_config
-from dinomaly.distributed.trial import decode_params, evaluation_steps
-from dinomaly.distributed.tuning import check_search_space, holdout_split, run_sweep
+from dinomaly.distributed.train.run import prepare_config
+from dinomaly.distributed.tune.sweep import check_search_space, holdout_split, run_sweep
+from dinomaly.distributed.tune.trial import decode_params, evaluation_steps
 
 slow = pytest.mark.slow
 REGISTERED = "tune-test"

@@ -126,7 +126,7 @@ def batch_request(config: Config, what: str) -> Request:
     each = {"CPU": e.cpus_per_actor, "GPU": e.gpus_per_actor}
     bundles = [dict(each) for _ in range(e.actors)]
     label = _per_item("model actor", e.actors, each)
-    if e.gpus_per_actor > 0:  # reading runs in CPU tasks beside GPU actors (dinomaly.distributed.batch)
+    if e.gpus_per_actor > 0:  # reading runs in CPU tasks beside GPU actors (dinomaly.distributed.batch.scoring)
         bundles.append({"CPU": 1.0})
         label += " + 1 CPU reading images"
     return Request(what=what, bundles=tuple(bundles), label=label,

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from dinomaly.config import Config
 from dinomaly.data.records import is_image
 from dinomaly.data.storage import StorageOptions, filesystem_for, list_files, split_uri
-from dinomaly.distributed.batch import ModelBundle, ScoreSpec, score_rows
+from dinomaly.distributed.batch.scoring import ModelBundle, ScoreSpec, score_rows
 
 logger = logging.getLogger(__name__)
 

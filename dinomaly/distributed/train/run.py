@@ -27,6 +27,7 @@ import yaml
 
 from dinomaly.config import Config, apply_overrides, to_dict
 from dinomaly.data.manifest import load_manifest, select
+from dinomaly.distributed.cluster import attaching_to_cluster, ensure_ray  # noqa: F401 - ensure_ray re-exported
 from dinomaly.distributed.resources import (
     check_resources,
     is_start_timeout,
@@ -56,11 +57,6 @@ def prepare_config(config: Config) -> Config:
     if config.train.deterministic:
         overrides.update({"data.shuffle": False, "train.data_source": "local", "model.bottleneck_dropout": 0.0})
     return apply_overrides(config, overrides)
-
-
-def attaching_to_cluster() -> bool:
-    """True when ray.init() joins an existing cluster (RAY_ADDRESS, e.g. under `ray job submit`)."""
-    return bool(os.environ.get("RAY_ADDRESS"))
 
 
 def check_before_start(config: Config, init_from: str = "", attaching: bool | None = None) -> None:
@@ -123,19 +119,6 @@ def check_resume(config: Config, resume: bool) -> None:
                          "or --name <new name> to start afresh")
 
 
-def ensure_ray() -> None:
-    """ray.init(): attaches to RAY_ADDRESS when set (ray job submit), else starts a local loopback cluster."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep a local Ray on 127.0.0.1
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True, configure_logging=False)
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # the driver prints its own progress lines
-    context.print_on_execution_start = False
-
-
 def load_tables(config: Config) -> tuple[pa.Table, pa.Table]:
     """(train rows, test rows) of the configured data; errors name what is missing."""
     manifest = load_manifest(config.data)
@@ -168,8 +151,8 @@ def _train_one(config: Config, *, init_from: str, batches: list | None, stop_at_
     import ray
 
     # torch/timm-heavy imports here, so that a refused configuration fails within a second or two
-    from dinomaly.distributed.batches import ManifestBatches, RayDataBatches, TensorBatches
-    from dinomaly.distributed.training import TrainJob, build_trainer, worker_resources
+    from dinomaly.distributed.train.batches import ManifestBatches, RayDataBatches, TensorBatches
+    from dinomaly.distributed.train.worker import TrainJob, build_trainer, worker_resources
 
     datasets, test_rows = None, None
     if batches is not None:
@@ -179,7 +162,7 @@ def _train_one(config: Config, *, init_from: str, batches: list | None, stop_at_
         if config.train.data_source == "local":
             source = ManifestBatches(train_rows, config)
         else:
-            from dinomaly.distributed.datasets import train_dataset
+            from dinomaly.distributed.train.data import train_dataset
 
             datasets, source = {"train": train_dataset(train_rows, config)}, RayDataBatches(config)
     cluster_cpus = ray.cluster_resources().get("CPU")
@@ -218,7 +201,7 @@ def _train_one(config: Config, *, init_from: str, batches: list | None, stop_at_
 
 def _report_data_errors(dataset, config: Config, run_id: str | None) -> dict:
     """Unreadable training files (skipped and counted by the Ray Data pipeline): logged, and in MLflow."""
-    from dinomaly.distributed.datasets import count_errors
+    from dinomaly.distributed.train.data import count_errors
 
     errors = count_errors(dataset)
     if errors["data_errors"]:
@@ -288,7 +271,7 @@ def _train_separate(config: Config, init_from: str, on_progress, output_dir) -> 
     """One Ray Train run per class (<name>-<class>, registered as <model>-<class>), as many at once as fit."""
     import ray
 
-    from dinomaly.distributed.training import worker_resources
+    from dinomaly.distributed.train.worker import worker_resources
 
     manifest = load_manifest(config.data)
     classes = sorted(set(manifest.column("category").to_pylist()))

@@ -2,7 +2,7 @@
 
 The per-worker function is thin. It builds the model (fresh, from --init-from weights, or from the
 run's latest checkpoint), wraps it in DDP with the frozen encoder left out of synchronisation, takes
-this rank's rows of every global batch (dinomaly.distributed.batches) and runs train_steps in chunks
+this rank's rows of every global batch (dinomaly.distributed.train.batches) and runs train_steps in chunks
 between log / evaluation / checkpoint points. Each point ends in ray.train.report on every rank (a
 barrier); rank 0 attaches the checkpoint (dinomaly.checkpoint.save output) and does all MLflow logging.
 Reference semantics under DDP: the hard-mining threshold over the global batch (loss global_batch),
@@ -29,9 +29,10 @@ import torch.distributed as dist
 
 from dinomaly.checkpoint import load, load_official, save
 from dinomaly.config import Config
-from dinomaly.distributed.batches import ManifestBatches, RayDataBatches, TensorBatches
-from dinomaly.distributed.evaluation import Evaluation, evaluate_distributed, heatmap_grid
+from dinomaly.distributed.cluster import storage_for
 from dinomaly.distributed.tracking import git_commit, json_safe, run_logger
+from dinomaly.distributed.train.batches import ManifestBatches, RayDataBatches, TensorBatches
+from dinomaly.distributed.train.evaluation import Evaluation, evaluate_distributed, heatmap_grid
 from dinomaly.loop import TrainState, seed_everything, train_steps
 from dinomaly.model.dinomaly import Dinomaly
 
@@ -330,17 +331,6 @@ def worker_resources(config: Config, uses_ray_data: bool, cluster_cpus: float | 
     if tc.use_gpu:
         resources["GPU"] = 1.0
     return resources
-
-
-def storage_for(uri: str, data_config=None) -> tuple[str, Any]:
-    """(storage_path, pyarrow filesystem or None) for RunConfig: local folders absolute, s3:// through storage."""
-    from dinomaly.data.storage import filesystem_for, split_uri
-
-    scheme, path = split_uri(uri)
-    if not scheme:
-        return path, None
-    filesystem, path = filesystem_for(uri, data_config)
-    return path, filesystem
 
 
 def build_trainer(config: Config, job: TrainJob, datasets: dict | None = None, cluster_cpus: float | None = None):

@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING
 
 from dinomaly.config import Config, flatten
 from dinomaly.distributed.tracking import default_artifact_location, git_commit
-from dinomaly.distributed.trial import ROLE_TAG, SWEEP_TAG, TRIAL_TAG
+from dinomaly.distributed.tune.trial import ROLE_TAG, SWEEP_TAG, TRIAL_TAG
 
 if TYPE_CHECKING:
-    from dinomaly.distributed.tuning import SweepOutcome
+    from dinomaly.distributed.tune.sweep import SweepOutcome
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def finish_tracking(config: Config, outcome: SweepOutcome) -> None:
 
     Adds mlflow_run_id to each ranking row and sets outcome.registered_version / outcome.champion.
     """
-    from dinomaly.distributed.tuning import format_ranking, ranking_csv, summary
+    from dinomaly.distributed.tune.sweep import format_ranking, ranking_csv, summary
 
     client = _client(config)
     children = client.search_runs([_experiment_id(client, config)], filter_string=(
@@ -115,7 +115,7 @@ def finish_tracking(config: Config, outcome: SweepOutcome) -> None:
 def _download_checkpoint(config: Config, checkpoint_path: str, folder: str) -> None:
     from ray.train import Checkpoint
 
-    from dinomaly.distributed.training import storage_for
+    from dinomaly.distributed.cluster import storage_for
 
     filesystem = storage_for(config.output_root, config.data)[1]
     Checkpoint(path=checkpoint_path, filesystem=filesystem).to_directory(folder)

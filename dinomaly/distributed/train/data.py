@@ -96,7 +96,7 @@ class ErrorCounter:
 def count_errors(dataset: ray.data.Dataset) -> dict:
     """The bad-file summary of a dataset made by train_dataset / eval_dataset (see ErrorCounter.summary)."""
     if dataset not in _ERRORS_BY_DATASET:
-        raise ValueError("this dataset was not built by dinomaly.distributed.datasets; pass errors=ErrorCounter() "
+        raise ValueError("this dataset was not built by dinomaly.distributed.train.data; pass errors=ErrorCounter() "
                          "when building it and read that counter")
     return _ERRORS_BY_DATASET[dataset].summary()
 

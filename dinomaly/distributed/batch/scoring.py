@@ -86,7 +86,7 @@ def load_bundle(model: str, preset: str | None = None, overrides: list[str] | No
         weights = load_official(model, config.model).eval().state_dict()
         return ModelBundle(config=config, state_dict=weights, source=str(model), name=Path(model).stem,
                            version="official")
-    from dinomaly.distributed.model_source import resolve_model
+    from dinomaly.distributed.models import resolve_model
 
     base = load_config(preset, overrides)  # tracking.* and data.* here say where registries and buckets are
     resolved = resolve_model(model, base)

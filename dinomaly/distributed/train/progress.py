@@ -12,7 +12,7 @@ from dinomaly.config import Config
 from dinomaly.metrics import METRIC_NAMES, format_table
 
 if TYPE_CHECKING:
-    from dinomaly.distributed.launch import TrainOutcome
+    from dinomaly.distributed.train.run import TrainOutcome
 
 
 class ProgressFormatter:

@@ -5,7 +5,7 @@
 
 Driver steps: check the search space against the config (before any Ray work) -> training / evaluation
 rows and the objective -> the encoder-feature cache (a Ray task, once per dataset + encoder) -> the MLflow
-parent run -> Tuner.fit (or Tuner.restore) over dinomaly.distributed.trial.run_trial with ASHA on the
+parent run -> Tuner.fit (or Tuner.restore) over dinomaly.distributed.tune.trial.run_trial with ASHA on the
 objective -> the ranking of every trial (tune_results.csv / .json, the parent run's table) -> the best
 trial's checkpoint registered, and aliased (tune.champion_alias) when it beats the current holder.
 """
@@ -27,11 +27,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dinomaly.config import Config, apply_overrides, flatten, parse_search_spec
-from dinomaly.distributed.launch import load_tables
+from dinomaly.distributed.cluster import storage_for
 from dinomaly.distributed.resources import Request, amounts, check_resources
-from dinomaly.distributed.sweep_tracking import finish_tracking, open_parent_run
-from dinomaly.distributed.training import storage_for
-from dinomaly.distributed.trial import SweepSpec, run_trial
+from dinomaly.distributed.train.run import load_tables
+from dinomaly.distributed.tune.tracking import finish_tracking, open_parent_run
+from dinomaly.distributed.tune.trial import SweepSpec, run_trial
 from dinomaly.metrics import METRIC_NAMES
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def check_search_space(config: Config) -> None:
     Keys that only make sense together (decoder_depth with target_layers and fuse_groups) go in one mapping
     value: model: choice({decoder_depth: 4, target_layers: [6, 7, 8, 9], fuse_groups: [[0, 1], [2, 3]]}).
     """
-    from dinomaly.distributed.trial import decode_params
+    from dinomaly.distributed.tune.trial import decode_params
 
     tc = config.tune
     if tc.search_algorithm == "optuna":

@@ -77,7 +77,7 @@ class ManifestBatches:
 
 @dataclass
 class RayDataBatches:
-    """This worker's shard of the Ray Data `train` dataset (dinomaly.distributed.datasets), epoch after epoch.
+    """This worker's shard of the Ray Data `train` dataset (dinomaly.distributed.train.data), epoch after epoch.
 
     Ray Data decides which rows each shard gets, so this source is not in manifest order, and a resumed
     run starts a fresh pass over the data (the step count and the schedule still continue exactly).
@@ -89,7 +89,7 @@ class RayDataBatches:
     def iterate(self, rank: int, world: int, start_step: int) -> Iterator[torch.Tensor]:
         import ray.train
 
-        from dinomaly.distributed.datasets import iter_train_batches
+        from dinomaly.distributed.train.data import iter_train_batches
 
         shard = ray.train.get_dataset_shard(self.dataset_name)
         rows = local_rows(self.config.train.batch_size, rank, world)

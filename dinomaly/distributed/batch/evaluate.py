@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from dinomaly.config import Config
 from dinomaly.data.manifest import load_manifest, select
-from dinomaly.distributed.batch import ModelBundle, ScoreSpec, score_rows
+from dinomaly.distributed.batch.scoring import ModelBundle, ScoreSpec, score_rows
 from dinomaly.metrics import (
     METRIC_NAMES,
     MetricAccumulator,
@@ -256,7 +256,7 @@ def write_heatmaps(examples: dict[tuple[str, int], list[Example]], config: Confi
     """
     from dinomaly.data.storage import read_bytes
     from dinomaly.data.transforms import decode_image, resize_crop_image
-    from dinomaly.distributed.batch import heatmap_name
+    from dinomaly.distributed.batch.scoring import heatmap_name
     from dinomaly.heatmap import heatmap_grid, overlay_png
 
     written = []

@@ -31,7 +31,8 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
 from dinomaly.config import Config
-from dinomaly.distributed.model_source import ResolvedModel, resolve_model
+from dinomaly.distributed.cluster import ensure_ray
+from dinomaly.distributed.models import ResolvedModel, resolve_model
 from dinomaly.distributed.resources import check_resources, serve_request
 from dinomaly.serving_api import (
     RAW_CONTENT_TYPES,
@@ -299,10 +300,7 @@ def start(model_uri: str, config: Config) -> str:
     that, the replicas' CPUs/GPUs must be free within cluster.start_timeout_s, else ResourcesUnavailable
     names what holds them (Serve itself would wait for them without end).
     """
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False)  # RAY_ADDRESS, when set, attaches to that cluster instead
+    ensure_ray(log_to_driver=False)  # RAY_ADDRESS, when set, attaches to that cluster instead
     if APP_NAME not in serve.status().applications:  # a redeploy replaces the app's own replicas: no check
         check_resources(serve_request(config, APP_NAME), config.cluster.start_timeout_s)
     s = config.serve

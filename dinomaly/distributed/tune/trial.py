@@ -29,8 +29,7 @@ import torch
 from dinomaly.checkpoint import load, save
 from dinomaly.config import Config, apply_overrides, parse_search_spec
 from dinomaly.data.dataset import ManifestDataset, iterate_batches
-from dinomaly.distributed.batches import ManifestBatches
-from dinomaly.distributed.evaluation import evaluate_distributed, json_safe
+from dinomaly.distributed.cluster import storage_for
 from dinomaly.distributed.resources import (
     ResourcesUnavailable,
     bound_train_start,
@@ -40,7 +39,9 @@ from dinomaly.distributed.resources import (
     train_request,
 )
 from dinomaly.distributed.tracking import open_run, run_logger
-from dinomaly.distributed.training import storage_for, worker_resources
+from dinomaly.distributed.train.batches import ManifestBatches
+from dinomaly.distributed.train.evaluation import evaluate_distributed, json_safe
+from dinomaly.distributed.train.worker import worker_resources
 from dinomaly.features import FeatureBatches, FeatureCache, FeatureInput
 from dinomaly.loop import TrainState, seed_everything, train_steps
 from dinomaly.loss import hard_mining_cosine_loss
