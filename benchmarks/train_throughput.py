@@ -47,9 +47,8 @@ def run_fit(data_root: str, storage: str, workers: int, source: str, steps: int)
     started = time.monotonic()
     outcome = train(config, stop_at_step=steps, on_progress=notes.append)  # stop early: no final evaluation
     figures = measure(config, notes)
-    summary = outcome.summary
     figures.update(wall_s=time.monotonic() - started,
-                   worker_to_first_step_s=summary["first_step_time"] - summary["worker_start_time"])
+                   worker_to_first_step_s=outcome.log.first_step_time - outcome.log.worker_start_time)
     return figures
 
 

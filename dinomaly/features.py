@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from dinomaly.config import Config, DataConfig, DinomalyConfig
-from dinomaly.data.dataset import ManifestDataset, _epoch_indices, iterate_batches
+from dinomaly.data.dataset import ManifestDataset, epoch_indices, iterate_batches
 from dinomaly.data.storage import filesystem_for, split_uri
 
 logger = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ class FeatureBatches:
         if tc.batch_size % world:
             raise ValueError(f"global batch {tc.batch_size} does not split evenly over {world} workers")
         size = tc.batch_size // world
-        order = _epoch_indices(len(rows), tc.batch_size, tc.seed, data.shuffle, drop_last=True)
+        order = epoch_indices(len(rows), tc.batch_size, tc.seed, data.shuffle, drop_last=True)
         shard = ([rows[i] for i in indices[rank * size:(rank + 1) * size]]
                  for indices in itertools.islice(order, start_step, None))
         yield from DataLoader(_CachedRows(cache), batch_sampler=shard, collate_fn=torch.stack)

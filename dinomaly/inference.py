@@ -1,14 +1,13 @@
-"""Anomaly maps, the reference post-processing and image scores; `Predictor` runs them batch by batch.
+"""The reference post-processing of anomaly maps and image scores; `Predictor` runs them batch by batch.
 
-Reference: utils.py cal_anomaly_maps, get_gaussian_kernel, evaluation_batch @c5c76d0 (spec section 5).
-This module must not import dinomaly.model at module level: the model imports `anomaly_map_from_features`.
+Reference: guojiajeremy/Dinomaly utils.py get_gaussian_kernel, evaluation_batch @c5c76d0. The raw map itself
+(utils.py cal_anomaly_maps) belongs to the model, dinomaly.model.anomaly_map; it is re-exported here.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,29 +16,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dinomaly.model.anomaly_map import anomaly_map_from_features
+
 if TYPE_CHECKING:
     from dinomaly.config import EvalConfig
     from dinomaly.model.dinomaly import Dinomaly
 
+__all__ = ["PredictResult", "Predictor", "anomaly_map_from_features", "gaussian_kernel", "image_scores",
+           "postprocess", "resize_masks"]
+
 logger = logging.getLogger(__name__)
-
-
-def anomaly_map_from_features(encoder_features: Sequence[torch.Tensor], decoder_features: Sequence[torch.Tensor],
-                              size: int | tuple[int, int]) -> torch.Tensor:
-    """Raw anomaly map: per fuse group 1 - cosine over channels, upsampled, mean over groups.
-
-    encoder_features / decoder_features: one [B, C, h, w] tensor per group. Returns [B, 1, size, size].
-    Reference: utils.py cal_anomaly_maps @c5c76d0 (bilinear, align_corners=True).
-    """
-    if len(encoder_features) != len(decoder_features) or not encoder_features:
-        raise ValueError(f"need one decoder group per encoder group, got {len(encoder_features)} encoder and "
-                         f"{len(decoder_features)} decoder groups")
-    out_size = (size, size) if isinstance(size, int) else tuple(size)
-    group_maps = []
-    for enc, dec in zip(encoder_features, decoder_features):
-        distance = 1 - F.cosine_similarity(enc, dec, dim=1).unsqueeze(1)  # [B, 1, h, w]
-        group_maps.append(F.interpolate(distance, size=out_size, mode="bilinear", align_corners=True))
-    return torch.cat(group_maps, dim=1).mean(dim=1, keepdim=True)  # [B, 1, size, size]
 
 
 def gaussian_kernel(kernel_size: int = 5, sigma: float = 4.0) -> torch.Tensor:

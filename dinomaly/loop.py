@@ -1,7 +1,7 @@
 """The training loop of one worker: forward, hard-mining loss, backward, clip, StableAdamW, schedule.
 
 Plain PyTorch: Ray Train (dinomaly/distributed/train/worker.py) hands it a DDP-wrapped model and batches.
-Reference: dinomaly_mvtec_uni.py train() loop @c5c76d0 (spec section 3).
+Reference: guojiajeremy/Dinomaly dinomaly_mvtec_uni.py train() loop @c5c76d0.
 """
 
 from __future__ import annotations

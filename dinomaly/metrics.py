@@ -1,7 +1,7 @@
 """The seven evaluation metrics of the reference, vectorised.
 
-Reference: utils.py evaluation_batch, compute_pro, f1_score_max @c5c76d0, with sklearn's roc_auc_score and
-average_precision_score (spec section 5). Everything is computed from one sort: the scores of the positives
+Reference: guojiajeremy/Dinomaly utils.py evaluation_batch, compute_pro, f1_score_max @c5c76d0, with sklearn's
+roc_auc_score and average_precision_score. Everything is computed from one sort: the scores of the positives
 (anomalous images / pixels) are reduced to their distinct values, and each is located among the sorted
 negatives by binary search. That gives sklearn's ROC/PR curves at every positive value, which is all that
 AUROC (Mann-Whitney with half ties), AP (recall only moves at positive values) and F1-max (adding negatives at
@@ -11,8 +11,6 @@ torchmetrics' curves argsort with torch (about 30x slower here) and need int64 i
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 from typing import Literal
@@ -372,43 +370,3 @@ class MetricAccumulator:
     def compute(self) -> dict[str, dict[str, float]]:
         """Metrics of every class, in the order the classes were first seen."""
         return {name: self.compute_class(name) for name in self._classes}
-
-
-_COLUMN_TITLES = ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "P-AUPRO")
-
-
-def per_class_table(results: dict[str, dict[str, float]]) -> list[dict[str, float | str]]:
-    """Rows {'class', seven metrics} per class, then 'mean': the unweighted mean over classes (issue #12)."""
-    if not results:
-        raise ValueError("per_class_table needs at least one class of results")
-    rows: list[dict[str, float | str]] = [{"class": name, **{k: float(m[k]) for k in METRIC_NAMES}}
-                                          for name, m in results.items()]
-    rows.append({"class": "mean", **{k: float(np.mean([m[k] for m in results.values()])) for k in METRIC_NAMES}})
-    return rows
-
-
-def format_table(rows: list[dict[str, float | str]], digits: int = 4) -> str:
-    """Aligned plain-text table of per_class_table rows, values with `digits` decimals like the reference logs."""
-    cells = [["class", *_COLUMN_TITLES]] + [[str(r["class"]), *(f"{r[k]:.{digits}f}" for k in METRIC_NAMES)]
-                                           for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in cells]
-    return "\n".join(lines)
-
-
-def format_markdown(rows: list[dict[str, float | str]], digits: int = 4) -> str:
-    """Markdown table of per_class_table rows (for MLflow artifacts and reports)."""
-    lines = ["| class | " + " | ".join(_COLUMN_TITLES) + " |", "|---" * (len(_COLUMN_TITLES) + 1) + "|"]
-    lines += ["| " + " | ".join([str(r["class"]), *(f"{r[k]:.{digits}f}" for k in METRIC_NAMES)]) + " |"
-              for r in rows]
-    return "\n".join(lines)
-
-
-def format_csv(rows: list[dict[str, float | str]]) -> str:
-    """CSV of per_class_table rows with full precision, header = the metric keys."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["class", *METRIC_NAMES])
-    writer.writerows([str(r["class"]), *(repr(float(r[k])) for k in METRIC_NAMES)] for r in rows)
-    return out.getvalue()

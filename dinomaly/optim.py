@@ -1,6 +1,6 @@
 """StableAdamW and the warm-up + cosine learning-rate schedule of the reference training loop.
 
-Reference: optimizers/StableAdamW.py and utils.py WarmCosineScheduler @c5c76d0 (spec section 3).
+Reference: guojiajeremy/Dinomaly optimizers/StableAdamW.py and utils.py WarmCosineScheduler @c5c76d0.
 """
 
 from __future__ import annotations

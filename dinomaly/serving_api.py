@@ -31,6 +31,7 @@ from dinomaly.data.transforms import (
     normalize,
     resize_crop_image,
 )
+from dinomaly.heatmap import colour_scale, png_bytes
 from dinomaly.inference import Predictor
 
 logger = logging.getLogger(__name__)
@@ -137,29 +138,6 @@ def resolve_threshold(override: float | None, method: str, metadata: Mapping[str
                      f"metadata.json keys: {sorted(metadata) or 'none'}); evaluate during training so one is "
                      "written, pick another serve.threshold_method, or set serve.threshold (e.g. "
                      "--set serve.threshold=0.05)")
-
-
-# --------------------------------------------------------------------------- heatmaps
-
-
-def _jet(values: np.ndarray) -> np.ndarray:
-    """[H, W] in 0..1 -> uint8 [H, W, 3], the classic 'jet' colour ramp (blue = normal, red = anomalous)."""
-    channels = [np.clip(1.5 - np.abs(4.0 * values - offset), 0.0, 1.0) for offset in (3.0, 2.0, 1.0)]
-    return (np.stack(channels, axis=-1) * 255.0 + 0.5).astype(np.uint8)
-
-
-def heatmap_png(anomaly_map: np.ndarray, threshold: float) -> bytes:
-    """Final map [H, W] -> colour PNG bytes of the same H x W.
-
-    Fixed scale, not per-image min-max (which makes normal images look anomalous): 0 is blue, the
-    threshold is the middle of the ramp, 2 x threshold and above is red.
-    """
-    if anomaly_map.ndim != 2:
-        raise ValueError(f"anomaly_map must be [H, W], got shape {anomaly_map.shape}")
-    scale = 2.0 * threshold if threshold > 0 else float(anomaly_map.max()) or 1.0
-    buffer = io.BytesIO()
-    Image.fromarray(_jet(np.clip(anomaly_map / scale, 0.0, 1.0)), mode="RGB").save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 # --------------------------------------------------------------------------- auth
@@ -272,5 +250,6 @@ class ScoringService:
             "model": {"name": self.info.name, "version": self.info.version},
         }
         if with_heatmap:
-            out["heatmap_png_base64"] = base64.b64encode(heatmap_png(anomaly_map, self.info.threshold)).decode()
+            png = png_bytes(anomaly_map, colour_scale(self.info.threshold))  # fixed scale: 2 x threshold
+            out["heatmap_png_base64"] = base64.b64encode(png).decode()
         return out

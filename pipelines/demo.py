@@ -31,7 +31,6 @@ def main(argv: list[str] | None = None) -> int:
     from dinomaly.data.demo import generate_demo_dataset
     from dinomaly.data.manifest import build_manifest, format_counts, records_from_config, write_manifest
     from dinomaly.distributed.train import run as launch
-    from dinomaly.distributed.train.progress import ProgressFormatter, summary_lines
 
     root = generate_demo_dataset(args.data)
     overrides = {"data.root": str(root), "data.layout": "mvtec", "train.num_workers": args.workers}
@@ -41,8 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest = build_manifest(records_from_config(config.data))
     manifest_uri = write_manifest(manifest, str(Path(args.data) / "manifest.parquet"))
     print(f"demo data in {root}, manifest {manifest_uri}:\n{format_counts(manifest)}\n")
-    config = launch.prepare_config(load_config("demo", {**overrides, "data.root": manifest_uri,
-                                                        "data.layout": "manifest"}))
+    config = load_config("demo", {**overrides, "data.root": manifest_uri, "data.layout": "manifest"})
     output = Path(config.output_root) / config.name
     if output.exists():  # each demo starts afresh; runs/demo is the demo's own folder
         shutil.rmtree(output)
@@ -51,14 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    launch.ensure_ray()
-    progress = ProgressFormatter()
-    outcome = launch.train(config, output_dir=output, on_progress=lambda note: print(progress(note), flush=True))
-    print("\n".join(summary_lines(outcome, config)))
+    result = launch.run(config, output=output)
     python = os.path.relpath(sys.executable)  # .venv/bin/python under `make demo`
     bin_dir = Path(python).parent
     print(f"\ndemo finished in {time.monotonic() - started:.0f} s. Next:\n"
-          f"  {bin_dir / 'mlflow'} ui --backend-store-uri {config.tracking.tracking_uri}    # runs, heatmaps, registry\n"
+          f"  {bin_dir / 'mlflow'} ui --backend-store-uri {result.config.tracking.tracking_uri}    # runs, heatmaps, "
+          "registry\n"
           f"  {python} pipelines/serve.py --model {output / 'checkpoint'}    # HTTP scoring service\n"
           f"  {python} pipelines/evaluate.py --model {output / 'checkpoint'} --data {manifest_uri} --heatmaps 2")
     return 0

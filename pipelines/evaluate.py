@@ -24,66 +24,31 @@ images (false alarms) and the N highest-scored defective images, plus a grid per
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-import time
-from pathlib import Path
 
 import dinomaly.distributed  # noqa: F401 - sets Ray's loopback environment before Ray is imported
-from dinomaly.config import help_text
-from dinomaly.metrics import format_table
+from dinomaly.config.cli import entry_parser, start_logging
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, epilog=help_text(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="checkpoint dir, s3:// prefix, models:/... or official .pth")
+    parser = entry_parser(__doc__, config_help="YAML preset or path (required for official .pth weights)",
+                          set_example="--set eval.actors=2 --set eval.pixel_metrics=streaming", model=True)
     parser.add_argument("--data", required=True, help="manifest (.parquet) or dataset root (folder or s3:// prefix)")
-    parser.add_argument("--config", default=None, help="YAML preset or path (required for official .pth weights)")
     parser.add_argument("--output", default=None, help="output folder (default: runs/evaluate-<model name>)")
     parser.add_argument("--heatmaps", type=int, default=0, metavar="N",
                         help="overlays of the N highest-scored normal and defective images per class")
     parser.add_argument("--mlflow", action="store_true", help="log metrics and outputs to MLflow (tracking.*)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, e.g. --set eval.actors=2 --set eval.pixel_metrics=streaming")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    import ray
+    start_logging()
+    from dinomaly.distributed.batch import evaluate
+    from dinomaly.distributed.entry import run_job
 
-    from dinomaly.distributed.batch.evaluate import evaluate, log_to_mlflow, test_rows, write_outputs
-    from dinomaly.distributed.batch.scoring import load_bundle
-    from dinomaly.distributed.cluster import ensure_ray
-    from dinomaly.distributed.resources import ResourcesUnavailable
-
-    try:  # data.layout stays the preset's / checkpoint's (e.g. realiad + its json variant); .parquet = manifest
-        bundle = load_bundle(args.model, args.config, [f"data.root={args.data}", *args.set])
-        table = test_rows(bundle.config)
-    except (ValueError, FileNotFoundError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    output = Path(args.output or f"runs/evaluate-{bundle.name or 'model'}")
-    started = ensure_ray()  # attach to RAY_ADDRESS / a running Ray, or start (and stop) one
-    try:
-        result = evaluate(ray.put(bundle), bundle.config, table, heatmaps=args.heatmaps)
-        info = write_outputs(result, bundle, bundle.config, output)
-        print(format_table(result.rows))
-        print(f"{info['images']} test images ({len(info['unreadable'])} unreadable) in {result.seconds:.1f} s; "
-              f"results in {output}")
-        if args.mlflow:
-            run_name = f"evaluate-{bundle.name}-{time.strftime('%Y%m%dT%H%M%S')}"
-            run_id = log_to_mlflow(info, bundle.config, output, run_name)
-            print(f"logged to MLflow run {run_id}")
-    except ResourcesUnavailable as err:  # never fits, or not free within cluster.start_timeout_s
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    finally:
-        if started:
-            ray.shutdown()
-    return 0
+    return run_job(lambda: evaluate.prepare(args.model, args.data, args.config, args.set),
+                   lambda checked: evaluate.run(*checked, args.output, heatmaps=args.heatmaps, mlflow=args.mlflow))
 
 
 if __name__ == "__main__":

@@ -18,73 +18,35 @@ unless --overwrite; results of another model or threshold are never mixed in.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 import dinomaly.distributed  # noqa: F401 - sets Ray's loopback environment before Ray is imported
-from dinomaly.config import help_text
+from dinomaly.config.cli import entry_parser, start_logging
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, epilog=help_text(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="checkpoint dir, s3:// prefix, models:/... or official .pth")
+    parser = entry_parser(__doc__, config_help="YAML preset or path (required for official .pth weights)",
+                          set_example="--set eval.actors=2 --set eval.gpus_per_actor=1", model=True)
     parser.add_argument("--input", required=True, help="image folder, s3:// prefix, or a .parquet manifest")
     parser.add_argument("--output", required=True, help="result folder or s3:// prefix")
-    parser.add_argument("--config", default=None, help="YAML preset or path (required for official .pth weights)")
     parser.add_argument("--threshold", type=float, default=None, help="image-score threshold of the verdict")
     parser.add_argument("--heatmaps", action="store_true", help="write an overlay PNG per image")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing output instead of resuming")
     parser.add_argument("--rows-per-file", type=int, default=2000, metavar="N",
                         help="rows per Parquet part (default 2000); a killed run loses at most the unwritten ones")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, e.g. --set eval.actors=2 --set eval.gpus_per_actor=1")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.rows_per_file < 1:
-        print(f"error: --rows-per-file {args.rows_per_file} must be at least 1", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    import ray
+    start_logging()
+    from dinomaly.distributed.batch import predict
+    from dinomaly.distributed.entry import run_job
 
-    from dinomaly.distributed.batch.predict import list_inputs, predict
-    from dinomaly.distributed.batch.scoring import load_bundle
-    from dinomaly.distributed.cluster import ensure_ray
-    from dinomaly.distributed.resources import ResourcesUnavailable
-    from dinomaly.serving_api import resolve_threshold
-
-    try:
-        bundle = load_bundle(args.model, args.config, args.set)
-        threshold, where = resolve_threshold(args.threshold, bundle.config.serve.threshold_method, bundle.metadata,
-                                             bundle.tags)
-        inputs = list_inputs(args.input, bundle.config)
-    except (ValueError, FileNotFoundError, OSError) as err:
-        hint = " (pass --threshold)" if "threshold" in str(err) else ""
-        print(f"error: {err}{hint}", file=sys.stderr)
-        return 2
-    started = ensure_ray()  # attach to RAY_ADDRESS / a running Ray, or start (and stop) one
-    try:
-        summary = predict(ray.put(bundle), bundle, bundle.config, inputs, args.output, threshold,
-                          heatmaps=args.heatmaps, overwrite=args.overwrite, rows_per_file=args.rows_per_file,
-                          progress=sys.stderr.isatty())
-    except ValueError as err:  # an output of another run without --overwrite
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except ResourcesUnavailable as err:  # never fits, or not free within cluster.start_timeout_s
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    finally:
-        if started:
-            ray.shutdown()
-    rate = f"{summary.anomaly_rate:.1%}" if summary.anomaly_rate == summary.anomaly_rate else "n/a"
-    print(f"{summary.inputs} images: {summary.skipped} already scored, {summary.scored} scored and {summary.errors} "
-          f"unreadable now ({summary.images_per_s:.1f} images/s); threshold {threshold:.6g} ({where}); "
-          f"output {summary.output}: {summary.total_rows} rows, {summary.total_errors} unreadable, "
-          f"anomaly rate {rate}")
-    return 0
+    return run_job(lambda: predict.prepare(args.model, args.input, args.config, args.set, args.threshold,
+                                           args.rows_per_file),
+                   lambda job: predict.run(job, args.output, heatmaps=args.heatmaps, overwrite=args.overwrite,
+                                           rows_per_file=args.rows_per_file))
 
 
 if __name__ == "__main__":

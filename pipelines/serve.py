@@ -13,27 +13,23 @@ http://127.0.0.1:8000/v1/predict`. Serving options are the serve.* config keys (
 from __future__ import annotations
 
 import argparse
-import logging
-import signal
 import sys
 from typing import Any
 
 import dinomaly.distributed  # noqa: F401 - sets Ray's loopback environment before Ray is imported
-from dinomaly.config import Config, apply_overrides, help_text, load_config
-from dinomaly.distributed.resources import ResourcesUnavailable
+from dinomaly.config import Config, apply_overrides, load_config
+from dinomaly.config.cli import entry_parser, start_logging
+from dinomaly.distributed.entry import run_job
 from dinomaly.distributed.serve import app as serving
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, epilog=help_text(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = entry_parser(__doc__, config_help="YAML preset or path (serve, tracking and data sections)",
+                          set_example="--set serve.threshold=0.05")
     parser.add_argument("--model", required=True, help="checkpoint directory, s3:// prefix, models:/<name>/<version> "
                                                        "or models:/<name>@<alias>")
-    parser.add_argument("--config", default=None, help="YAML preset or path (serve, tracking and data sections)")
     parser.add_argument("--host", default=None, help="bind address (serve.host; default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="HTTP port (serve.port; default 8000)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, e.g. --set serve.threshold=0.05")
     return parser.parse_args(argv)
 
 
@@ -51,32 +47,15 @@ def app(args: dict[str, Any]):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    start_logging()
     overrides = {f"serve.{k}": v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    try:
-        config: Config = apply_overrides(load_config(args.config, args.set), overrides)
-        info = serving.check_model(args.model, config)  # a bad model or token set-up fails here, before Ray
-    except (ValueError, FileNotFoundError, OSError) as err:
-        print(f"error: cannot serve {args.model}: {err}", file=sys.stderr)
-        return 2
-    try:
-        url = serving.start(args.model, config)
-    except ResourcesUnavailable as err:  # replicas' CPUs/GPUs: never fit, or not free within the bound
-        print(f"error: cannot deploy: {err}", file=sys.stderr)
-        return 1
-    except RuntimeError as err:  # a replica failed to start (e.g. out of memory); Serve gave up
-        print(f"error: the deployment failed: {err}", file=sys.stderr)
-        return 1
-    print(f"ready: {url}  model {info.name} version {info.version}, threshold {info.threshold:.6g} "
-          f"({info.threshold_source}); API docs at {url}docs; Ctrl-C stops", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    try:
-        signal.pause()
-    except (KeyboardInterrupt, SystemExit):
-        pass
-    finally:
-        serving.stop()
-    return 0
+
+    def check() -> tuple[Config, serving.ModelInfo]:
+        config = apply_overrides(load_config(args.config, args.set), overrides)
+        return config, serving.check_model(args.model, config)  # a bad model or token set-up fails before Ray
+
+    return run_job(check, lambda checked: serving.serve_until_stopped(args.model, *checked),
+                   prefix=f"cannot serve {args.model}: ")
 
 
 if __name__ == "__main__":

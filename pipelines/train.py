@@ -14,12 +14,12 @@ Outputs: --output DIR (default runs/<name>/) gets checkpoint/, config.yaml and m
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 import dinomaly.distributed  # noqa: F401 - sets Ray's loopback environment before Ray is imported
-from dinomaly.config import Config, apply_overrides, help_text, load_config
+from dinomaly.config import Config, apply_overrides, load_config
+from dinomaly.config.cli import entry_parser, start_logging
 
 FLAG_KEYS = {  # convenience flag -> config key (anything else: --set key=value)
     "data": "data.root", "categories": "data.categories", "setting": "train.setting", "encoder": "model.encoder",
@@ -30,12 +30,10 @@ FLAG_KEYS = {  # convenience flag -> config key (anything else: --set key=value)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, epilog=help_text(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = entry_parser(__doc__, config_default="demo", set_example="--set train.lr=1e-3 --set "
+                          "model.bottleneck_dropout=0.4 (keys listed below)",
+                          config_help="YAML preset name in configs/ (demo, mvtec_uni, ...) or a path (default demo)")
     add = parser.add_argument
-    add("--config", default="demo", help="YAML preset name in configs/ (demo, mvtec_uni, ...) or a path (default demo)")
-    add("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable: "
-        "--set train.lr=1e-3 --set model.bottleneck_dropout=0.4 (keys listed below)")
     add("--data", help="dataset root (folder or s3://bucket/prefix) or a .parquet manifest (data.root)")
     add("--categories", help="comma-separated classes to train on (data.categories; default all)")
     add("--setting", choices=["unified", "separate"], help="one model for all classes, or one per class trained "
@@ -72,29 +70,16 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from dinomaly.distributed.resources import ResourcesUnavailable
+    start_logging()
+    from dinomaly.distributed.entry import run_job
     from dinomaly.distributed.train import run as launch
-    from dinomaly.distributed.train.progress import ProgressFormatter, summary_lines
 
-    try:
-        config = launch.prepare_config(config_from_args(args))
-        launch.check_before_start(config, init_from=args.init_from)
-        launch.check_resume(config, args.resume)
-    except (ValueError, OSError) as err:  # FileNotFoundError, PermissionError, ConnectionError included
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    output = args.output or Path("runs") / config.name
-    launch.ensure_ray()
-    progress = ProgressFormatter()
-    try:
-        outcome = launch.train(config, init_from=args.init_from, output_dir=output,
-                               on_progress=lambda note: print(progress(note), flush=True))
-    except ResourcesUnavailable as err:  # never fits, or not free within cluster.start_timeout_s
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print("\n".join(summary_lines(outcome, config)))
-    return 0
+    def check() -> Config:
+        config = config_from_args(args)
+        launch.check_before_start(config, init_from=args.init_from, resume=args.resume)
+        return config
+
+    return run_job(check, lambda config: launch.run(config, init_from=args.init_from, output=args.output))
 
 
 if __name__ == "__main__":

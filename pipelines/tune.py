@@ -29,20 +29,18 @@ Exit status: 0 done, 1 no trial succeeded (or the cluster cannot host one), 2 ba
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 import dinomaly.distributed  # noqa: F401 - sets Ray's loopback environment before Ray is imported
-from dinomaly.config import Config, apply_overrides, help_text, load_config
+from dinomaly.config import Config, apply_overrides, load_config
+from dinomaly.config.cli import entry_parser, start_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, epilog=help_text(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = entry_parser(__doc__, config_default="demo", set_example="--set tune.max_concurrent_trials=2 "
+                          "(keys listed below)",
+                          config_help="YAML preset in configs/ (demo, mvtec_uni, ...) or a path (default demo)")
     add = parser.add_argument
-    add("--config", default="demo", help="YAML preset in configs/ (demo, mvtec_uni, ...) or a path (default demo)")
-    add("--set", action="append", default=[], metavar="KEY=VALUE",
-        help="config override, repeatable, e.g. --set tune.max_concurrent_trials=2 (keys listed below)")
     add("--space", action="append", default=[], metavar="KEY=SPEC",
         help="search-space entry, repeatable; given at all, these replace tune.search_space")
     add("--num-samples", type=int, help="trials to sample (tune.num_samples)")
@@ -71,32 +69,19 @@ def _space_entry(text: str) -> tuple[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from dinomaly.distributed.resources import ResourcesUnavailable
-    from dinomaly.distributed.train import run as launch
-    from dinomaly.distributed.tune import sweep as tuning
+    start_logging()
+    from dinomaly.distributed.entry import run_job
+    from dinomaly.distributed.train.run import check_before_start, prepare_config
+    from dinomaly.distributed.tune import sweep
+    from dinomaly.distributed.tune.space import check_search_space
 
-    try:
-        config = launch.prepare_config(config_from_args(args))
-        tuning.check_search_space(config)
-        launch.check_before_start(config)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    launch.ensure_ray()
-    try:
-        outcome = tuning.run_sweep(config, resume=args.resume, output_dir=args.output_dir)
-    except (ValueError, FileNotFoundError) as err:  # e.g. --resume without a sweep, a name already used
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except ResourcesUnavailable as err:  # not even one trial's driver can be placed
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(tuning.format_ranking(outcome))
-    print("\n".join(tuning.report_lines(outcome, config)))
-    if outcome.interrupted:
-        return 3
-    return 0 if outcome.best is not None else 1
+    def check() -> Config:
+        config = prepare_config(config_from_args(args))
+        check_search_space(config)  # a bad space fails here, before any Ray work, with the fix named
+        check_before_start(config)
+        return config
+
+    return run_job(check, lambda config: sweep.run(config, resume=args.resume, output_dir=args.output_dir))
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def held_resources() -> dict[str, float]:
 def describe_holders() -> list[str]:
     """Who holds the reserved resources, as the product's error messages name them."""
     try:
-        from dinomaly.distributed.resources import holders
+        from dinomaly.distributed.holders import holders
     except ImportError:  # pragma: no cover - the product module names holders; keep the check usable without it
         return []
     try:

@@ -28,7 +28,7 @@ def test_every_preset_loads(name):
 
 
 def test_presets_carry_reference_values():
-    """Spec section 3: per-script iterations, dropout and eps."""
+    """guojiajeremy/Dinomaly dinomaly_*.py scripts @c5c76d0: per-script iterations, dropout and eps."""
     mvtec, realiad, mpdd = load_config("mvtec_uni"), load_config("realiad_uni"), load_config("mpdd_sep")
     assert (mvtec.train.total_steps, mvtec.model.bottleneck_dropout, mvtec.train.eps) == (10_000, 0.2, 1e-10)
     assert (realiad.train.total_steps, realiad.model.bottleneck_dropout) == (50_000, 0.4)

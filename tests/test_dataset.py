@@ -10,6 +10,7 @@ from dinomaly.config import DataConfig, DinomalyConfig
 from dinomaly.data.dataset import ManifestDataset, infinite_train_batches, iterate_batches
 from dinomaly.data.layouts import read_layout
 from dinomaly.data.manifest import build_manifest
+from dinomaly.data.reader import RowError, RowPixels, RowReader
 from dinomaly.data.transforms import CorruptImageError, decode_mask, preprocess_image, preprocess_mask
 
 MODEL = DinomalyConfig(encoder_weights="none", image_size=64, crop_size=56)
@@ -89,3 +90,30 @@ def test_too_small_or_unreadable_training_sets_fail_clearly(demo_table, tmp_path
             enumerate(demo_table.to_pylist()) if r["split"] == "train"][:4]
     with pytest.raises(CorruptImageError, match="no readable training image"):
         next(infinite_train_batches(ManifestDataset(rows, MODEL, split="train"), batch_size=2, seed=0))
+
+
+def test_row_reader_keeps_or_raises_errors_for_images_and_masks(demo_table, tmp_path):
+    """One error policy (dinomaly.data.reader): a missing file, an I/O error, corrupt bytes or a broken mask make
+    the row an error with its reason, or raise CorruptImageError naming the file when errors are not kept."""
+    good = next(r for r in demo_table.to_pylist() if r["split"] == "test" and r["mask_uri"])
+    (tmp_path / "broken_mask.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (tmp_path / "folder.png").mkdir()
+    rows = [(good["image_uri"], good["mask_uri"]), (str(tmp_path / "gone.png"), None),
+            (str(tmp_path / "folder.png"), None), (good["image_uri"], str(tmp_path / "broken_mask.png"))]
+    reader = RowReader(MODEL.image_size, MODEL.crop_size)
+    read = reader.read_many(rows)
+    single = reader.read(*rows[0])  # concurrent and one-by-one reads agree
+    assert isinstance(read[0], RowPixels) and (read[0].image == single.image).all() and (read[0].mask == single.mask).all()
+    assert read[0].image.shape == (56, 56, 3) and read[0].mask.shape == (56, 56) and read[0].mask.max() == 255
+    assert [type(r) for r in read[1:]] == [RowError] * 3
+    assert read[1].reason.startswith("FileNotFoundError") and read[2].reason.startswith("IsADirectoryError")
+    assert "CorruptImageError" in read[3].reason and "broken_mask.png" in read[3].reason
+    strict = RowReader(MODEL.image_size, MODEL.crop_size, keep_errors=False)
+    for uri, mask_uri in rows[1:]:
+        with pytest.raises(CorruptImageError, match=r"unreadable file for image .*\(data\.strict=true\)"):
+            strict.read(uri, mask_uri)
+    # the local Dataset follows it: the row with the broken mask is skipped and counted, never given a wrong label
+    table = [dict(good, image_uri=uri, mask_uri=mask_uri, label=1) for uri, mask_uri in rows]
+    dataset = ManifestDataset(table, MODEL, split="test")
+    (batch,) = iterate_batches(dataset, batch_size=4)
+    assert batch.uris == [good["image_uri"]] and dataset.corrupt.count == 3

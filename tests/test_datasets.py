@@ -7,6 +7,7 @@ cluster work. The rest share the session's `ray_session` and `moto_s3`.
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 
@@ -21,16 +22,9 @@ from torchvision import transforms as T
 from dinomaly.config import Config, apply_overrides
 from dinomaly.data.layouts import read_layout
 from dinomaly.data.manifest import MANIFEST_SCHEMA, build_manifest, write_manifest
+from dinomaly.data.reader import RowReader
 from dinomaly.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from dinomaly.distributed.train.data import (
-    ErrorCounter,
-    count_errors,
-    eval_dataset,
-    eval_datasets,
-    iter_eval_batches,
-    iter_train_batches,
-    train_dataset,
-)
+from dinomaly.distributed.train.data import ErrorCounter, count_errors, iter_train_batches, train_dataset
 
 CLASSES = ["weave", "nut"]
 
@@ -126,7 +120,7 @@ def test_missing_root_fails_on_the_driver(no_ray_work, dataset_root, tmp_path):
     manifest = build_manifest(read_layout(str(moved)))
     shutil.rmtree(moved)
     with pytest.raises(FileNotFoundError, match=str(moved)):
-        eval_datasets(manifest, small_config())
+        train_dataset(manifest, small_config())
 
 
 def test_missing_bucket_and_rejected_credentials_fail_on_the_driver(no_ray_work, s3_manifest, moto_s3):
@@ -145,21 +139,15 @@ def test_missing_bucket_and_rejected_credentials_fail_on_the_driver(no_ray_work,
 # --------------------------------------------------------------------------- the pipeline
 
 
-def test_local_and_s3_give_identical_batches(ray_session, local_manifest, s3_manifest, dataset_root, moto_s3):
+def test_local_and_s3_give_identical_batches(ray_session, local_manifest, s3_manifest):
     config = small_config()
-    local, remote = rows(eval_dataset(local_manifest, config)), rows(eval_dataset(s3_manifest, config))
-    assert len(local) == len(remote) == 2 * 4
-    for a, b in zip(local, remote):
-        assert a["image_uri"].removeprefix(str(dataset_root)) == b["image_uri"].removeprefix(moto_s3.uri("ingest/demo"))
-        np.testing.assert_array_equal(a["image"], b["image"])
-        np.testing.assert_array_equal(a["mask"], b["mask"])
-        assert (a["label"], a["category"], a["has_mask"]) == (b["label"], b["category"], b["has_mask"])
-    # training (shuffled: Ray streams blocks in completion order) gives the same image for every file
-    local_train, remote_train = ({r["image_uri"].split("/demo/")[1]: r["image"] for r in rows(train_dataset(m, config))}
-                                 for m in (local_manifest, s3_manifest))
-    assert sorted(local_train) == sorted(remote_train) and len(local_train) == 12
-    for name, image in local_train.items():
-        np.testing.assert_array_equal(image, remote_train[name])
+    # shuffled: Ray streams blocks in completion order, so rows are matched by file
+    local, remote = ({r["image_uri"].split("/demo/")[1]: r for r in rows(train_dataset(m, config))}
+                     for m in (local_manifest, s3_manifest))
+    assert sorted(local) == sorted(remote) and len(local) == 12
+    for name, row in local.items():
+        np.testing.assert_array_equal(row["image"], remote[name]["image"])
+        assert (row["label"], row["category"]) == (remote[name]["label"], remote[name]["category"])
 
 
 def _odd_images(folder) -> list[dict]:
@@ -180,7 +168,7 @@ def _odd_images(folder) -> list[dict]:
             Image.fromarray(mask).save(folder / f"{name}_mask.png")
             mask_uri = str(folder / f"{name}_mask.png")
         records.append(dict(image_uri=str(folder / name), mask_uri=mask_uri, label=int(mask_uri is not None),
-                            category="modes", defect="x" if mask_uri else "good", split="test", sample_id=None,
+                            category="modes", defect="x" if mask_uri else "good", split="train", sample_id=None,
                             view=None, size_bytes=(folder / name).stat().st_size))
     return records
 
@@ -188,19 +176,20 @@ def _odd_images(folder) -> list[dict]:
 def test_pipeline_matches_the_reference_transforms(ray_session, tmp_path):
     """Pipeline output, normalised on the trainer, vs torchvision on PIL (the reference composition)."""
     records = _odd_images(tmp_path)
-    config = apply_overrides(Config(), {"model.image_size": 448, "model.crop_size": 392})
+    config = apply_overrides(Config(), {"model.image_size": 448, "model.crop_size": 392, "data.shuffle": False})
     image_ref = T.Compose([T.Resize((448, 448)), T.ToTensor(), T.CenterCrop(392), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     mask_ref = T.Compose([T.Resize((448, 448)), T.CenterCrop(392), T.ToTensor()])
-    manifest = pa.Table.from_pylist(records, schema=MANIFEST_SCHEMA)
-    (batch,) = iter_eval_batches(eval_dataset(manifest, config), batch_size=len(records))
-    assert batch["image_uris"] == [r["image_uri"] for r in records]
+    dataset = train_dataset(pa.Table.from_pylist(records, schema=MANIFEST_SCHEMA), config)
+    assert uris(dataset) == [r["image_uri"] for r in records]
+    (images,) = iter_train_batches(dataset, batch_size=len(records), max_epochs=1)
     expected = torch.stack([image_ref(Image.open(r["image_uri"]).convert("RGB")) for r in records])
-    image_diff = (batch["images"] - expected).abs().max().item()
+    image_diff = (images - expected).abs().max().item()
     assert image_diff == 0.0, f"max abs diff {image_diff}"
-    for got, record in zip(batch["masks"], records):
-        want = mask_ref(Image.open(record["mask_uri"])) if record["mask_uri"] else torch.zeros(1, 392, 392)
-        assert (got - want).abs().max().item() == 0.0
-    assert batch["has_mask"].tolist() == [r["mask_uri"] is not None for r in records]
+    # masks (read for evaluation by the same reader) of another size than their image
+    reader = RowReader(448, 392)
+    for record in (r for r in records if r["mask_uri"]):
+        got = torch.from_numpy(reader.read(record["image_uri"], record["mask_uri"]).mask).float().div(255)
+        assert (got - mask_ref(Image.open(record["mask_uri"]))[0]).abs().max().item() == 0.0
 
 
 RESHUFFLE_IMAGES = 64
@@ -277,29 +266,17 @@ def test_iter_train_batches_yields_normalised_full_batches(ray_session, local_ma
     assert uris(dataset) == train_rows.column("image_uri").to_pylist()
 
 
-def test_evaluation_order_is_stable(ray_session, local_manifest):
-    per_class = eval_datasets(local_manifest, small_config())
-    assert list(per_class) == list(dict.fromkeys(local_manifest.column("category").to_pylist()))
-    test_rows = local_manifest.filter(pa.compute.equal(local_manifest.column("split"), "test"))
-    for category, dataset in per_class.items():
-        expected = [u for u, c in zip(test_rows.column("image_uri").to_pylist(), test_rows.column("category").to_pylist())
-                    if c == category]
-        assert uris(dataset) == uris(dataset) == expected
-
-
 def _corrupt(root, manifest) -> list[str]:
-    """Break three training images (zero-byte, truncated, not an image) and one anomalous test mask."""
+    """Break three training images (zero-byte, truncated, not an image) and remove a fourth."""
     train = [u for u, s in zip(manifest.column("image_uri").to_pylist(), manifest.column("split").to_pylist())
              if s == "train"]
-    masked = [(u, m) for u, m in zip(manifest.column("image_uri").to_pylist(), manifest.column("mask_uri").to_pylist())
-              if m is not None]
     with open(train[0], "wb"):
         pass
     data = open(train[1], "rb").read()
     open(train[1], "wb").write(data[: len(data) // 2])
     open(train[2], "w").write("this is not an image")
-    open(masked[0][1], "wb").write(b"\x89PNG\r\n\x1a\n broken")
-    return train[:3] + [masked[0][0]]
+    os.remove(train[3])
+    return train[:4]
 
 
 def test_corrupt_files_are_skipped_logged_and_counted(ray_session, dataset_root, tmp_path):
@@ -308,15 +285,14 @@ def test_corrupt_files_are_skipped_logged_and_counted(ray_session, dataset_root,
     bad = _corrupt(root, manifest)
     errors = ErrorCounter()
     train = train_dataset(manifest, small_config(), errors=errors)
-    assert len(uris(train)) == 12 - 3
-    per_class = eval_datasets(manifest, small_config(), errors=errors)
-    test_rows = [r for dataset in per_class.values() for r in rows(dataset)]
-    assert len(test_rows) == 8 - 1 and bad[3] not in [r["image_uri"] for r in test_rows]  # never a wrong label
-    summary = count_errors(train)
+    assert len(uris(train)) == 12 - 4
+    assert count_errors(train) == errors.summary()
+    summary = errors.summary()
     assert summary["data_errors"] == 4
     assert sorted(uri for uri, _ in summary["error_files"]) == sorted(bad)
     reasons = dict(summary["error_files"])
     assert "empty file" in reasons[bad[0]] and "cannot decode" in reasons[bad[2]]
+    assert reasons[bad[3]].startswith("FileNotFoundError")
 
 
 def test_strict_mode_fails_on_the_first_corrupt_file(ray_session, dataset_root, tmp_path):
@@ -329,12 +305,12 @@ def test_strict_mode_fails_on_the_first_corrupt_file(ray_session, dataset_root, 
     with pytest.raises(ray.exceptions.UserCodeException,
                        match=r"CorruptImageError: unreadable file for image .* \(data\.strict=true\)") as info:
         uris(dataset)
-    assert any(uri in str(info.value) for uri in bad[:3])  # blocks run in parallel: any bad training file
+    assert any(uri in str(info.value) for uri in bad)  # blocks run in parallel: any bad training file
 
 
 def test_manifest_uri_on_s3_is_read(ray_session, s3_manifest, moto_s3):
     uri = write_manifest(s3_manifest, moto_s3.uri("ingest/manifest.parquet"))
-    dataset = eval_dataset(uri, small_config(**{"data.categories": ["nut"]}), category="nut")
+    dataset = train_dataset(uri, small_config(**{"data.categories": ["nut"], "data.shuffle": False}))
     assert [u.split("/demo/")[1] for u in uris(dataset)] == [
         u.split("/demo/")[1] for u, s, c in zip(*(s3_manifest.column(n).to_pylist() for n in ("image_uri", "split", "category")))
-        if s == "test" and c == "nut"]
+        if s == "train" and c == "nut"]

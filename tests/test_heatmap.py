@@ -1,4 +1,4 @@
-"""dinomaly.heatmap: overlay PNGs, grids and the peak location, without Ray."""
+"""dinomaly.heatmap: the colour ramp, the fixed scale, overlays, PNGs, grids and the peak location, without Ray."""
 
 from __future__ import annotations
 
@@ -8,35 +8,61 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dinomaly.heatmap import heatmap_grid, overlay_png, peak_location
+from dinomaly.heatmap import colorize, colour_scale, grid, overlay, peak_location, png_bytes
+
+
+def decoded(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)))
+
+
+def test_ramp_ends_and_mask_outline():
+    ramp = colorize(np.array([[0.0, 1.0, 5.0]]), 1.0)
+    assert ramp[0, 0].tolist() == [0, 0, 128] and ramp[0, 1].tolist() == [128, 0, 0]  # jet ends
+    assert ramp[0, 2].tolist() == [128, 0, 0]  # above the scale: clipped to the top
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 4:12] = 1
+    tile = np.asarray(overlay(np.zeros((16, 16, 3), np.uint8), np.zeros((4, 4)), 1.0, mask))
+    assert tile[4, 6].tolist() == [0, 255, 0] and tile[0, 0].tolist() != [0, 255, 0]  # outline only
+
+
+def test_scale_is_tied_to_the_threshold_with_a_set_wide_fallback():
+    maps = [np.full((4, 4), 0.2), np.full((4, 4), 0.7)]
+    assert colour_scale(0.1, maps) == pytest.approx(0.2)  # 2 x threshold, whatever the maps
+    for missing in (None, 0.0, -1.0, float("nan")):
+        assert colour_scale(missing, maps) == pytest.approx(0.7)  # the max over all maps drawn together
+    assert colour_scale(None) == 1.0 and colour_scale(None, [np.zeros((2, 2))]) == 1.0
+
+
+def test_fixed_scale_colours_a_normal_map_cool_and_a_defective_one_hot():
+    """Not min-max per image: a flat map at half the threshold is the same colour whatever its size."""
+    scale = colour_scale(0.1)
+    low, high = np.full((8, 6), 0.05, np.float32), np.full((8, 6), 0.5, np.float32)
+    png = Image.open(io.BytesIO(png_bytes(low, scale)))
+    assert png.format == "PNG" and png.size == (6, 8)  # the map alone, at its own size
+    low_rgb, high_rgb = decoded(png_bytes(low, scale)), decoded(png_bytes(high, scale))
+    assert low_rgb[0, 0, 2] > low_rgb[0, 0, 0] and high_rgb[0, 0, 0] > high_rgb[0, 0, 2]  # blue vs red
+    assert (decoded(png_bytes(low[:4], scale)) == low_rgb[:4]).all()  # the colour of a value never changes
 
 
 def test_overlay_png_is_the_image_size_and_shows_the_hot_spot_in_red():
     image = np.full((40, 60, 3), 128, np.uint8)
     amap = np.zeros((8, 8), np.float32)
     amap[0, 7] = 1.0  # top-right corner
-    overlay = np.asarray(Image.open(io.BytesIO(overlay_png(image, amap))))
-    assert overlay.shape == (40, 60, 3)
-    corner, opposite = overlay[1, -2].astype(int), overlay[-2, 1].astype(int)
+    overlay_rgb = decoded(png_bytes(amap, colour_scale(0.5), image))
+    assert overlay_rgb.shape == (40, 60, 3)
+    corner, opposite = overlay_rgb[1, -2].astype(int), overlay_rgb[-2, 1].astype(int)
     assert corner[0] > corner[2] and opposite[2] > opposite[0]  # hot = red, cold = blue
 
 
-def test_shared_colour_range_keeps_a_flat_low_map_blue():
-    image = np.zeros((16, 16, 3), np.uint8)
-    low = np.full((4, 4), 0.1, np.float32)
-    pixels = np.asarray(Image.open(io.BytesIO(overlay_png(image, low, vmin=0.0, vmax=1.0))))
-    assert pixels[..., 2].mean() > pixels[..., 0].mean()
-
-
 def test_grid_has_one_row_per_image_and_rejects_mismatches():
-    images = [np.zeros((20, 20, 3), np.uint8)] * 3
+    images = [np.zeros((16, 16, 3), np.uint8)] * 3
     maps = [np.random.default_rng(i).random((5, 5)) for i in range(3)]
-    grid = Image.open(io.BytesIO(heatmap_grid(images, maps, ["a", "b", "c"])))
-    assert grid.height > 3 * 20 and grid.width > 2 * 20
+    picture = grid(images, maps, colour_scale(None, maps), ["a", "b", "c"])
+    assert picture.size == (2 * 20 + 4, 3 * (16 + 4 + 12) + 4)  # [image | overlay] + captions
     with pytest.raises(ValueError, match="one map per image"):
-        heatmap_grid(images, maps[:2])
+        grid(images, maps[:2], 1.0)
     with pytest.raises(ValueError, match="uint8"):
-        overlay_png(np.zeros((4, 4, 3), np.float32), maps[0])
+        png_bytes(maps[0], 1.0, np.zeros((4, 4, 3), np.float32))
 
 
 def test_peak_location_maps_back_to_original_pixels():

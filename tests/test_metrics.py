@@ -10,16 +10,8 @@ from scipy import ndimage
 from skimage import measure
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score
 
-from dinomaly.metrics import (
-    METRIC_NAMES,
-    MetricAccumulator,
-    compute_metrics,
-    format_csv,
-    format_markdown,
-    format_table,
-    per_class_table,
-    pro_thresholds,
-)
+from dinomaly.metrics import METRIC_NAMES, MetricAccumulator, compute_metrics, pro_thresholds
+from dinomaly.tables import format_csv, format_markdown, format_table, per_class_table
 
 REFERENCE_KEYS = dict(zip(METRIC_NAMES, ("auroc_sp", "ap_sp", "f1_sp", "auroc_px", "ap_px", "f1_px", "aupro_px")))
 METRIC_SETS = ("set0_blobs", "set1_hard", "set2_tiny_ties")

@@ -89,7 +89,7 @@ def test_ddp_across_nodes_survives_losing_a_node(cluster):
     assert status == "SUCCEEDED", cluster.job_logs(name)[-5000:]
     outputs = json.loads((cluster.state_dir / "out" / name / "metrics.json").read_text())
     assert outputs["step"] == steps
-    assert set(outputs["metrics"]["mean"]) >= {"image_auroc", "pixel_auroc", "pixel_aupro"}
+    assert set(outputs["mean"]) >= {"image_auroc", "pixel_auroc", "pixel_aupro"}
 
     workers = cluster.train_workers(name)
     assert len(workers) >= 4, f"expected a second worker group after the node loss: {workers}"

@@ -16,13 +16,14 @@ from conftest import reference_model_config
 from fixtures_ray import _free_port
 
 from dinomaly.config import Config, TrackingConfig, TrainConfig, load_config
+from dinomaly.distributed import holders as holders_module
 from dinomaly.distributed import resources
+from dinomaly.distributed.holders import holders
 from dinomaly.distributed.resources import (
     Request,
     ResourcesUnavailable,
     bound_train_start,
     check_resources,
-    holders,
     train_request,
 )
 
@@ -63,8 +64,8 @@ def test_naming_the_holders_never_raises(monkeypatch):
     def broken():
         raise RuntimeError("state store down")
 
-    monkeypatch.setattr(resources, "_with_state_api", broken)
-    monkeypatch.setattr(resources, "_without_state_api", broken)
+    monkeypatch.setattr(holders_module, "_with_state_api", broken)
+    monkeypatch.setattr(holders_module, "_without_state_api", broken)
     monkeypatch.setattr("ray.is_initialized", lambda: True)
     assert holders() == ["(holders unknown: RuntimeError: state store down)"]
 
@@ -127,12 +128,12 @@ def test_a_blocked_request_waits_names_the_holder_and_fits_once_it_is_gone(ray_s
     assert len(notes) == 1 and notes[0].startswith("waiting for resources: train run 'probe' needs 2 workers")
     assert "actor Holder (3 CPU)" in notes[0]
     # without the State API only unnamed numbers are left, and it says so
-    fallback = resources._without_state_api()
+    fallback = holders_module._without_state_api()
     assert fallback[-1].startswith("actors or tasks whose names are unavailable") and fallback[-1].endswith("(3 CPU)")
     ray.kill(holder)
     check_resources(cpu_request(2), timeout_s=60, on_progress=notes.append)  # freed asynchronously: a short wait
     probes = [g for g in ray.util.placement_group_table().values()
-              if (g.get("name") or "").startswith(resources.PROBE_PREFIX) and g["state"] != "REMOVED"]
+              if (g.get("name") or "").startswith(holders_module.PROBE_PREFIX) and g["state"] != "REMOVED"]
     assert probes == []  # the reservation that waited is given back
 
 
@@ -151,7 +152,7 @@ def test_a_serve_app_holding_the_cpus_is_named_with_its_replicas(ray_session):
         with pytest.raises(ResourcesUnavailable) as caught:
             check_resources(cpu_request(2), timeout_s=1, on_progress=lambda note: None)
         assert "the cluster has 4 CPU, 1 free; held by: Serve app 'tiny' (2 replicas, 3 CPU)" in str(caught.value)
-        assert "Serve app 'tiny' (2 replicas)" in resources._without_state_api()
+        assert "Serve app 'tiny' (2 replicas)" in holders_module._without_state_api()
     finally:
         serve.shutdown()
 
@@ -184,7 +185,7 @@ def test_a_training_run_fails_within_the_bound_naming_the_holder_then_runs(ray_s
     assert "still not free after 3 s" in message and "lower --workers" in message
     ray.kill(holder)
     outcome = train(tiny_run(tmp_path, "freed", 60), batches=TINY_BATCHES)
-    assert outcome.summary["final_step"] == 2
+    assert outcome.final_step == 2
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from fixtures_serving import encode, wait_ready
 from PIL import Image
 
 from dinomaly.config import Config, ServeConfig, apply_overrides
-from dinomaly.serving_api import RequestError, check_bearer, heatmap_png, read_auth_token, resolve_threshold
+from dinomaly.serving_api import RequestError, check_bearer, read_auth_token, resolve_threshold
 
 TOKEN = "s3cret-token-for-tests"
 REGISTERED = "tiny-registry"
@@ -45,16 +45,6 @@ def test_threshold_resolution_order():
         resolve_threshold(None, "image_f1_optimal", {"step": 3})
     with pytest.raises(ValueError, match="not a number"):
         resolve_threshold(None, "image_f1_optimal", {"image_f1_optimal": "high"})
-
-
-def test_heatmap_scale_is_fixed_by_the_threshold():
-    """Not min-max per image: a flat map at half the threshold is the same colour whatever its size."""
-    low = np.full((8, 6), 0.05, np.float32)
-    png = Image.open(io.BytesIO(heatmap_png(low, threshold=0.1)))
-    assert png.format == "PNG" and png.size == (6, 8)
-    high = np.full((8, 6), 0.5, np.float32)
-    low_rgb, high_rgb = (np.asarray(Image.open(io.BytesIO(heatmap_png(m, 0.1)))) for m in (low, high))
-    assert low_rgb[0, 0, 2] > low_rgb[0, 0, 0] and high_rgb[0, 0, 0] > high_rgb[0, 0, 2]  # blue vs red
 
 
 def test_auth_token_sources(tmp_path):

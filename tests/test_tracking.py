@@ -1,11 +1,10 @@
-"""MLflow tracking (real sqlite store), thresholds, heatmap overlays and the class split of evaluation.
+"""MLflow tracking (real sqlite store), thresholds and the class split of evaluation.
 
 No Ray here: the worker-side logger is exercised directly; tests/test_training.py checks a whole run.
 """
 
 import math
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -22,7 +21,6 @@ from dinomaly.distributed.tracking import (
 )
 from dinomaly.distributed.train.evaluation import assign_classes
 from dinomaly.thresholds import f1_optimal_threshold, normal_quantile_threshold
-from dinomaly.visualize import colorize, image_grid, overlay
 
 
 def test_tracking_uri_is_absolute_and_env_or_config_wins(tmp_path, monkeypatch):
@@ -109,17 +107,6 @@ def test_normal_quantile_threshold_uses_normal_images_only():
     assert math.isnan(normal_quantile_threshold([1], [0.5]))
     with pytest.raises(ValueError, match="quantile"):
         normal_quantile_threshold([0], [0.5], 0.0)
-
-
-def test_overlay_colours_and_mask_outline():
-    ramp = colorize(np.array([[0.0, 1.0]]), 0.0, 1.0)
-    assert ramp[0, 0].tolist() == [0, 0, 128] and ramp[0, 1].tolist() == [128, 0, 0]  # jet ends
-    mask = np.zeros((16, 16), np.uint8)
-    mask[4:12, 4:12] = 1
-    tile = np.asarray(overlay(np.zeros((16, 16, 3), np.uint8), np.zeros((4, 4)), 0.0, 1.0, mask))
-    assert tile[4, 6].tolist() == [0, 255, 0] and tile[0, 0].tolist() != [0, 255, 0]  # outline only
-    grid = image_grid([[Image.fromarray(tile)] * 2] * 3, captions=["a", "b", "c"])
-    assert grid.size == (2 * 20 + 4, 3 * (16 + 4 + 12) + 4)
 
 
 def test_assign_classes_balances_images_over_ranks():

@@ -85,31 +85,31 @@ def trajectory_runs(ray_session, moto_s3, reference_dir, trajectory, tmp_path_fa
 def test_one_worker_follows_the_reference_trajectory_from_official_weights(trajectory_runs, trajectory):
     """Also the --init-from check: step 1 (lr 0, p 0) of a run started from the official .pth has the reference loss."""
     root, _, runs = trajectory_runs
-    records = runs["one"].summary["records"]
+    records = runs["one"].log.records
     assert records[0]["loss"] == pytest.approx(trajectory["loss"][0], abs=1e-6, rel=0)
     check_trajectory(records, {s: checkpoint_params(root, "one", s) for s in (5, 10, 20, 30)}, trajectory)
-    assert runs["one"].summary["final_step"] == 30
+    assert runs["one"].final_step == 30
 
 
 def test_two_workers_with_global_hard_mining_follow_the_reference_trajectory(trajectory_runs, trajectory):
     """Each worker holds 2 of the 4 images: global threshold + DDP mean + clip of the all-reduced gradient."""
     root, _, runs = trajectory_runs
-    summary = runs["two"].summary
-    check_trajectory(summary["records"], {s: checkpoint_params(root, "two", s) for s in (5, 10, 20, 30)}, trajectory)
-    assert len(summary["param_digests"]) == 2 and len(set(summary["param_digests"])) == 1  # ranks agree exactly
+    log = runs["two"].log
+    check_trajectory(log.records, {s: checkpoint_params(root, "two", s) for s in (5, 10, 20, 30)}, trajectory)
+    assert len(log.param_digests) == 2 and len(set(log.param_digests)) == 1  # ranks agree exactly
 
 
 def test_interrupted_after_10_and_resumed_follows_the_trajectory_and_the_straight_run(trajectory_runs, trajectory):
     root, bucket_root, runs = trajectory_runs
-    first, last = runs["first_10"].summary, runs["last_20"].summary
+    first, last = runs["first_10"].log, runs["last_20"].log
     assert runs["first_10"].checkpoint_uri.startswith(bucket_root.removeprefix("s3://"))  # checkpoints in S3
-    assert first["final_step"] == 10 and last["start_step"] == 10 and last["final_step"] == 30
-    check_trajectory(first["records"], {s: checkpoint_params(bucket_root, "resumed", s) for s in (1, 5, 10)},
+    assert first.final_step == 10 and last.start_step == 10 and last.final_step == 30
+    check_trajectory(first.records, {s: checkpoint_params(bucket_root, "resumed", s) for s in (1, 5, 10)},
                      trajectory)
-    check_trajectory(last["records"], {s: checkpoint_params(bucket_root, "resumed", s) for s in (20, 30)},
+    check_trajectory(last.records, {s: checkpoint_params(bucket_root, "resumed", s) for s in (20, 30)},
                      trajectory, first_step=11)
     # no step lost or repeated, and the restored optimiser / schedule / RNG make it the straight run exactly
-    assert first["records"] + last["records"] == runs["one"].summary["records"]
+    assert first.records + last.records == runs["one"].log.records
     straight, resumed = checkpoint_params(root, "one", 30), checkpoint_params(bucket_root, "resumed", 30)
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
@@ -154,7 +154,7 @@ def test_two_workers_of_4_equal_one_worker_of_8_in_deterministic_mode(ray_sessio
     config = data_config(tmp_path, demo_root, "w2", 2, 6, deterministic=True)
     two = train(config)
     records, one = one_process_reference(config, 6)
-    assert [r["loss"] for r in two.summary["records"]] == pytest.approx([r["loss"] for r in records], abs=1e-6)
+    assert [r["loss"] for r in two.log.records] == pytest.approx([r["loss"] for r in records], abs=1e-6)
     distributed = checkpoint_params(tmp_path, "w2", 6)
     for name, value in one.items():
         torch.testing.assert_close(distributed[name], value, rtol=0, atol=5e-6 + 5e-7 * 6, msg=name)
@@ -225,19 +225,18 @@ def kill_held_worker(status_dir: Path, rank: int, step: int, snapshot: Path, thr
 
 def test_killed_worker_restores_from_the_last_checkpoint_and_finishes(tracked_run):
     config, run, killed, status_after = tracked_run
-    summary = run.summary
     assert killed["step"] == KILL_AT_STEP and status_after["pid"] != killed["pid"]  # a new process finished
     assert status_after["step"] == 40
-    assert summary["start_step"] == KILL_AT_STEP  # restored from the step-10 checkpoint, not from scratch
-    assert summary["final_step"] == 40
-    assert [r["step"] for r in summary["records"]] == list(range(KILL_AT_STEP + 1, 41))  # none lost or repeated
+    assert run.log.start_step == KILL_AT_STEP  # restored from the step-10 checkpoint, not from scratch
+    assert run.final_step == 40
+    assert [r["step"] for r in run.log.records] == list(range(KILL_AT_STEP + 1, 41))  # none lost or repeated
 
 
 def test_ddp_ranks_hold_identical_parameters_and_loss_falls(tracked_run):
     config, run, _, _ = tracked_run
     from mlflow import MlflowClient
 
-    assert len(run.summary["param_digests"]) == 2 and len(set(run.summary["param_digests"])) == 1
+    assert len(run.log.param_digests) == 2 and len(set(run.log.param_digests)) == 1
     history = MlflowClient(config.tracking.tracking_uri).get_metric_history(run.mlflow_run_id, "loss")
     by_step = {m.step: m.value for m in history}  # a step logged twice (after the restart) keeps its last value
     assert min(by_step) == 1 and by_step[40] < 0.5 * by_step[1]
@@ -258,9 +257,9 @@ def test_mlflow_run_has_params_metrics_artifacts_and_a_registered_version(tracke
     assert {m.step for m in client.get_metric_history(run.mlflow_run_id, "test/mean/pixel_auroc")} == {20, 40}
     artifacts = {a.path for a in client.list_artifacts(run.mlflow_run_id)}
     assert {"config.yaml", "per_class.csv", "per_class.md", "heatmaps.png", "checkpoint"} <= artifacts
-    version = client.get_model_version("dino-t", run.summary["model_version"])
+    version = client.get_model_version("dino-t", run.model_version)
     assert version.run_id == run.mlflow_run_id and version.source.endswith("/checkpoint")
-    assert float(version.tags["threshold_image_f1_optimal"]) == run.summary["thresholds"]["image_f1_optimal"]
+    assert float(version.tags["threshold_image_f1_optimal"]) == run.thresholds["image_f1_optimal"]
     assert "threshold_image_normal_quantile" in version.tags and "mean_image_auroc" in version.tags
 
 
@@ -268,7 +267,7 @@ def test_unreadable_training_file_is_counted_in_summary_metrics_json_and_mlflow(
     from mlflow import MlflowClient
 
     config, run, _, _ = tracked_run
-    errors = run.summary["data_errors"]
+    errors = run.data_errors
     assert errors["data_errors"] == 1 and errors["error_files"][0][0].endswith(".png")
     assert json.loads((run.output_dir / "metrics.json").read_text())["data_errors"]["data_errors"] == 1
     assert MlflowClient(config.tracking.tracking_uri).get_run(run.mlflow_run_id).data.metrics["data_errors"] == 1
@@ -281,8 +280,8 @@ def test_outputs_hold_checkpoint_config_and_metrics_with_thresholds(tracked_run)
     config, run, _, _ = tracked_run
     out = run.output_dir
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["metrics"]) == {"nut", "pill", "weave", "wood", "mean"}
-    assert all(set(m) == set(METRIC_NAMES) for m in metrics["metrics"].values())
+    assert metrics["job"] == "train" and set(metrics["classes"]) == {"nut", "pill", "weave", "wood"}
+    assert all(set(m) == set(METRIC_NAMES) for m in [*metrics["classes"].values(), metrics["mean"]])
     thresholds = metrics["thresholds"]
     assert thresholds["normal_quantile"] == 0.99 and set(thresholds["per_class"]) == {"nut", "pill", "weave", "wood"}
     assert metrics["step"] == 40 and metrics["mlflow_run_id"] == run.mlflow_run_id
@@ -305,4 +304,5 @@ def test_separate_setting_trains_one_model_per_class_in_parallel_runs(ray_sessio
         assert loaded.config.data.categories == [name] and loaded.metadata["step"] == 3
         assert set(loaded.metadata["metrics"]) == {name, "mean"}  # evaluated on its own class only
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert metrics["setting"] == "separate" and set(metrics["metrics"]) == {"nut", "weave", "mean"}
+    assert metrics["setting"] == "separate" and set(metrics["classes"]) == {"nut", "weave"}
+    assert set(metrics["mean"]) == set(outcome.mean) and outcome.mean

@@ -15,6 +15,7 @@ from dinomaly.data.transforms import (
     ImageTooLargeError,
     decode_image,
     decode_mask,
+    denormalize,
     normalize,
     preprocess_image,
     preprocess_mask,
@@ -72,6 +73,7 @@ def test_batched_normalize_of_uint8_crops_equals_reference_channels_last_or_firs
     assert crops.dtype == np.uint8 and crops.shape == (5, 112, 112, 3)
     assert torch.equal(normalize(crops), expected)
     assert torch.equal(normalize(torch.from_numpy(crops).permute(0, 3, 1, 2)), expected)
+    assert all(np.array_equal(denormalize(image), crop) for image, crop in zip(normalize(crops), crops))  # display
 
 
 def test_normalize_rejects_float_and_bad_shapes():

@@ -21,8 +21,9 @@ from ray import tune
 
 from dinomaly.config import load_config
 from dinomaly.distributed.train.run import prepare_config
-from dinomaly.distributed.tune.sweep import check_search_space, holdout_split, run_sweep
-from dinomaly.distributed.tune.trial import decode_params, evaluation_steps
+from dinomaly.distributed.tune.space import SearchSpace, check_search_space
+from dinomaly.distributed.tune.sweep import holdout_split, run_sweep
+from dinomaly.distributed.tune.trial import evaluation_steps
 
 slow = pytest.mark.slow
 REGISTERED = "tune-test"
@@ -51,13 +52,32 @@ def test_search_space_is_checked_on_the_driver_with_the_fix_named():
     check(load_config("demo").tune.search_space)  # the default space
 
 
+def test_the_config_keeps_the_space_as_data_and_the_tune_package_checks_it():
+    """A malformed spec loads (the core never parses it); the sweep's check refuses it before any Ray work."""
+    config = load_config("demo", {"tune.search_space": {"train.lr": "uniform(0.3)"}})
+    with pytest.raises(ValueError, match=r"tune.search_space\['train.lr'\]='uniform\(0.3\)': uniform takes two"):
+        check_search_space(config)
+    with pytest.raises(ValueError, match="tune.search_space is empty"):
+        load_config("demo", {"tune.search_space": {}})
+
+
+def test_the_parsed_space_gives_tune_domains_and_the_grid_size():
+    space = SearchSpace.parse({"train.lr": "loguniform(1e-4, 1e-2)", "model.fuse_groups": GROUPINGS, "name": "x"},
+                              algorithm="grid")
+    domains = space.to_tune()
+    assert domains["name"] == "x" and (domains["train.lr"].lower, domains["train.lr"].upper) == (1e-4, 1e-2)
+    assert domains["model.fuse_groups"] == {"grid_search": ["[[0, 1, 2, 3], [4, 5, 6, 7]]",
+                                                            "[[0, 1], [2, 3], [4, 5], [6, 7]]"]}
+    assert space.grid_size() == 2 and SearchSpace.parse({"model.fuse_groups": GROUPINGS}).grid_size() == 1
+
+
 def test_sampled_values_become_config_overrides():
     space = {"model": "choice({decoder_depth: 4, target_layers: [6, 7, 8, 9]})", "model.fuse_groups": "grid([[0], [1]])",
              "train.lr": "loguniform(1e-4, 1e-2)"}
     params = {"model": json.dumps({"decoder_depth": 4, "target_layers": [6, 7, 8, 9]}),
               "model.fuse_groups": json.dumps([[0], [1]]), "train.lr": 0.001}
-    assert decode_params(params, space) == {"model.decoder_depth": 4, "model.target_layers": [6, 7, 8, 9],
-                                            "model.fuse_groups": [[0], [1]], "train.lr": 0.001}
+    assert SearchSpace.parse(space).decode(params) == {"model.decoder_depth": 4, "model.target_layers": [6, 7, 8, 9],
+                                                       "model.fuse_groups": [[0], [1]], "train.lr": 0.001}
     assert evaluation_steps(10, 4) == [2, 5, 8, 10] and evaluation_steps(3, 4) == [1, 2, 3]
 
 

@@ -141,7 +141,7 @@ wait_s3() {
 
 start_mlflow() {  # in the background; wait_mlflow waits for it
   local port=${MLFLOW_URI##*:}
-  # job execution off: with it on, SIGTERM leaves orphaned huey consumers (shared/ray-notes.md section 4)
+  # job execution off: with it on, SIGTERM leaves orphaned huey_consumer processes (MLflow 3 job workers)
   on_node head "$BIN/mlflow" server --host "$HEAD_IP" --port "$port" --workers 1 \
     --backend-store-uri "sqlite:///$STATE/mlflow.db" --artifacts-destination "s3://$BUCKET/mlartifacts" \
     >"$STATE/logs/mlflow.log" 2>&1 &

@@ -1,15 +1,15 @@
 """A torch Dataset over manifest rows, for the local (non-Ray) loop and evaluation.
 
-Each item is decoded and transformed exactly as the reference (dinomaly.data.transforms). A file
-that cannot be read is never dropped silently: it is logged with its URI and counted in the
-dataset's `corrupt` counter (or raises CorruptImageError when `strict`), and training batches are
-topped up from the next images so that every batch keeps `batch_size` images.
+Each item is read by dinomaly.data.reader.RowReader and transformed exactly as the reference
+(dinomaly.data.transforms). A file that cannot be read (the reader's error policy) is never dropped
+silently: it is logged with its URI and counted in the dataset's `corrupt` counter (or raises
+CorruptImageError when `strict`), and training batches are topped up from the next images so that
+every batch keeps `batch_size` images.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -20,27 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from dinomaly.config import DataConfig, DinomalyConfig
 from dinomaly.data.manifest import MANIFEST_SCHEMA, select
-from dinomaly.data.paths import read_bytes
-from dinomaly.data.transforms import (
-    DEFAULT_MAX_PIXELS,
-    CorruptImageError,
-    decode_image,
-    decode_mask,
-    mask_to_tensor,
-    normalize,
-    resize_crop_image,
-    resize_crop_mask,
-)
-
-logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SkippedImage:
-    """Returned instead of a sample when a file cannot be read (non-strict mode)."""
-
-    uri: str
-    reason: str
+from dinomaly.data.reader import RowError, RowReader
+from dinomaly.data.transforms import DEFAULT_MAX_PIXELS, CorruptImageError, mask_to_tensor, normalize
 
 
 @dataclass
@@ -54,8 +35,7 @@ class CorruptFiles:
     def count(self) -> int:
         return len(self.uris)
 
-    def add(self, skipped: SkippedImage) -> None:
-        logger.warning("skipping unreadable image %s: %s", skipped.uri, skipped.reason)
+    def add(self, skipped: RowError) -> None:
         self.uris.append(skipped.uri)
         self.reasons.append(skipped.reason)
 
@@ -66,7 +46,7 @@ class Batch(NamedTuple):
     masks: torch.Tensor  # [B, 1, crop, crop] in 0..1
     categories: list[str]
     uris: list[str]
-    skipped: list[SkippedImage]
+    skipped: list[RowError]
 
 
 class ManifestDataset(Dataset):
@@ -90,37 +70,27 @@ class ManifestDataset(Dataset):
         # data_config (data.strict, data.max_image_pixels, S3 endpoint) wins over the keyword defaults
         self.strict = data_config.strict if data_config is not None and strict is None else bool(strict)
         self.max_pixels = (data_config.max_image_pixels or None) if data_config is not None else max_pixels
-        self.data_config, self.filesystem = data_config, filesystem
+        self.reader = RowReader(self.image_size, self.crop_size, keep_errors=not self.strict,
+                                max_pixels=self.max_pixels, storage=data_config, filesystem=filesystem)
         self.corrupt = CorruptFiles()
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _load(self, row: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        uri = row["image_uri"]
-        image = decode_image(read_bytes(uri, self.filesystem, self.data_config), uri, self.max_pixels)
-        pixels = normalize(resize_crop_image(image, self.image_size, self.crop_size))
-        if self.with_masks and row["label"] and row["mask_uri"]:
-            mask_uri = row["mask_uri"]
-            mask = decode_mask(read_bytes(mask_uri, self.filesystem, self.data_config), mask_uri, self.max_pixels)
-            return pixels, mask_to_tensor(resize_crop_mask(mask, self.image_size, self.crop_size))
-        return pixels, torch.zeros(1, self.crop_size, self.crop_size)
-
-    def __getitem__(self, index: int) -> tuple | SkippedImage:
+    def __getitem__(self, index: int) -> tuple | RowError:
         row = self.rows[index]
-        try:
-            image, mask = self._load(row)
-        except (CorruptImageError, FileNotFoundError) as err:
-            if self.strict:
-                raise
-            return SkippedImage(row["image_uri"], f"{type(err).__name__}: {err}")
-        return image, row["label"], mask, row["category"], row["image_uri"]
+        wants_mask = self.with_masks and row["label"] and row["mask_uri"]
+        read = self.reader.read(row["image_uri"], row["mask_uri"] if wants_mask else None)
+        if isinstance(read, RowError):
+            return read
+        mask = torch.zeros(1, self.crop_size, self.crop_size) if read.mask is None else mask_to_tensor(read.mask)
+        return normalize(read.image), row["label"], mask, row["category"], row["image_uri"]
 
 
 def collate_samples(items: list) -> Batch:
-    """Stack samples, setting SkippedImage entries aside (they may come back from loader workers)."""
-    good = [item for item in items if not isinstance(item, SkippedImage)]
-    skipped = [item for item in items if isinstance(item, SkippedImage)]
+    """Stack samples, setting RowError entries aside (they may come back from loader workers)."""
+    good = [item for item in items if not isinstance(item, RowError)]
+    skipped = [item for item in items if isinstance(item, RowError)]
     if not good:
         return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0), [], [], skipped)
     images, labels, masks, categories, uris = zip(*good)
@@ -128,23 +98,27 @@ def collate_samples(items: list) -> Batch:
                  list(categories), list(uris), skipped)
 
 
-def _loader(dataset: ManifestDataset, batch_sampler, num_workers: int) -> DataLoader:
-    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
-                      collate_fn=collate_samples, persistent_workers=False)
+def load_batches(dataset: ManifestDataset, index_lists: Iterable[list[int]], num_workers: int = 0) -> Iterator[Batch]:
+    """One Batch per list of dataset indices, in order; unreadable files are counted on `dataset.corrupt`
+    (a batch may come out short, or empty: uris == [])."""
+    loader = DataLoader(dataset, batch_sampler=index_lists, num_workers=num_workers, collate_fn=collate_samples,
+                        persistent_workers=False)
+    for batch in loader:
+        for skipped in batch.skipped:
+            dataset.corrupt.add(skipped)
+        yield batch
 
 
 def iterate_batches(dataset: ManifestDataset, batch_size: int, num_workers: int = 0) -> Iterator[Batch]:
-    """One ordered pass (evaluation): batches in manifest order; skipped files counted on the dataset."""
+    """One ordered pass (evaluation): non-empty batches in manifest order; skipped files counted on the dataset."""
     order = list(range(len(dataset)))
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in _loader(dataset, chunks, num_workers):
-        for skipped in batch.skipped:
-            dataset.corrupt.add(skipped)
-        if batch.uris:
-            yield batch
+    yield from (batch for batch in load_batches(dataset, chunks, num_workers) if batch.uris)
 
 
-def _epoch_indices(count: int, batch_size: int, seed: int, shuffle: bool, drop_last: bool) -> Iterator[list[int]]:
+def epoch_indices(count: int, batch_size: int, seed: int, shuffle: bool, drop_last: bool) -> Iterator[list[int]]:
+    """Endless index lists of `batch_size`: a seeded permutation of range(count) per epoch (manifest order when
+    not `shuffle`), the last partial batch of each epoch dropped when `drop_last`."""
     generator = torch.Generator().manual_seed(seed)
     while True:
         order = torch.randperm(count, generator=generator).tolist() if shuffle else list(range(count))
@@ -170,9 +144,7 @@ def infinite_train_batches(dataset: ManifestDataset, batch_size: int, seed: int,
         raise ValueError("the training set is empty")
     pending: list[torch.Tensor] = []
     failures_in_a_row = 0
-    for batch in _loader(dataset, _epoch_indices(len(dataset), batch_size, seed, shuffle, drop_last), num_workers):
-        for skipped in batch.skipped:
-            dataset.corrupt.add(skipped)
+    for batch in load_batches(dataset, epoch_indices(len(dataset), batch_size, seed, shuffle, drop_last), num_workers):
         failures_in_a_row = 0 if batch.uris else failures_in_a_row + 1
         if failures_in_a_row * batch_size >= 2 * len(dataset):
             raise CorruptImageError(f"no readable training image in {failures_in_a_row} batches "

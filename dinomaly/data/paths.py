@@ -11,10 +11,14 @@ from __future__ import annotations
 import os
 import posixpath
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyarrow.fs as pafs
 
 from dinomaly.config import DataConfig
+
+if TYPE_CHECKING:
+    from dinomaly.data.storage import StorageOptions
 
 _SCHEMES = {"local": "", "s3": "s3://", "gcs": "gs://", "hdfs": "hdfs://"}
 
@@ -89,7 +93,8 @@ def resolve_root(root: str, filesystem: pafs.FileSystem | None = None,
     return DataRoot(fs, path.rstrip("/"), _scheme_of(fs))
 
 
-def read_bytes(uri: str, filesystem: pafs.FileSystem | None = None, data_config: DataConfig | None = None) -> bytes:
+def read_bytes(uri: str, filesystem: pafs.FileSystem | None = None,
+               data_config: DataConfig | StorageOptions | None = None) -> bytes:
     """The whole file at `uri` (a local path or a URI); `filesystem` is used for paths inside it.
 
     Object-store reads go through dinomaly.data.storage.read_bytes (transient errors retried).

@@ -159,8 +159,18 @@ def normalize(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     return x.sub(mean).div(std)
 
 
+def denormalize(image: torch.Tensor) -> np.ndarray:
+    """The inverse of `normalize` for one image, for display: [3, H, W] float -> uint8 [H, W, 3]."""
+    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(IMAGENET_STD)[:, None, None]
+    pixels = (image.detach().float().cpu() * std + mean).clamp(0, 1) * 255
+    return pixels.round().byte().permute(1, 2, 0).numpy()
+
+
 def mask_to_tensor(masks: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 [H,W] or [B,H,W] -> float32 [1,H,W] / [B,1,H,W] in 0..1 (ToTensor's / 255)."""
+    if isinstance(masks, np.ndarray) and not masks.flags.writeable:
+        masks = masks.copy()  # an uncropped PIL view is read-only; torch warns on those
     tensor = torch.as_tensor(masks)
     if tensor.dtype != torch.uint8:
         raise ValueError(f"mask_to_tensor expects uint8, got {tensor.dtype}")

@@ -4,7 +4,8 @@ The driver resolves the tracking URI to an absolute one (Ray workers run in a se
 relative `sqlite:///mlflow.db` would land there), creates the experiment with an explicit artifact
 location, and opens (or, for a resumed Ray run of the same name, re-opens) the MLflow run; the workers
 get its id. Only rank 0 logs (`run_logger` hands every other rank a no-op), through `MlflowClient`
-calls on that run id, so no fluent global state crosses processes.
+calls on that run id, so no fluent global state crosses processes; the driver logs the count of unreadable
+training files into the same run through the same logger.
 
 Logged: the flattened config and git commit as params; loss, lr, p, grad_norm, images/s and the data-wait
 fraction per log step; per-class and mean metrics per evaluation (`test/<class>/<metric>`); artifacts
@@ -15,7 +16,6 @@ source is the logged checkpoint directory, tagged with the mean metrics and the 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import subprocess
 import tempfile
@@ -25,7 +25,8 @@ from typing import Any
 import yaml
 
 from dinomaly.config import Config, TrackingConfig, flatten, to_dict
-from dinomaly.metrics import format_csv, format_markdown
+from dinomaly.results import json_safe
+from dinomaly.tables import format_csv, format_markdown
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +123,9 @@ class NullRunLogger:
     def log_evaluation(self, step: int, results: dict[str, dict[str, float]]) -> None:
         pass
 
+    def log_data_errors(self, errors: dict) -> None:
+        pass
+
     def log_final(self, config: Config, rows: list[dict], heatmaps, checkpoint_dir: str | Path,
                   tags: dict[str, Any]) -> str | None:
         return None
@@ -149,6 +153,11 @@ class RunLogger(NullRunLogger):
         """results: {class or 'mean': {metric: value}} -> metrics test/<class>/<metric> at `step`."""
         self.log_steps([{"step": step, **{f"test/{name}/{k}": v for k, v in metrics.items()}}
                         for name, metrics in results.items()])
+
+    def log_data_errors(self, errors: dict) -> None:
+        """The count of unreadable training files as metric data_errors, and the listing as data_errors.json."""
+        self.client.log_metric(self.run_id, "data_errors", errors["data_errors"])
+        self.client.log_dict(self.run_id, json_safe(errors), "data_errors.json")
 
     def log_final(self, config: Config, rows: list[dict], heatmaps, checkpoint_dir: str | Path,
                   tags: dict[str, Any]) -> str | None:
@@ -195,14 +204,3 @@ def _now_ms() -> int:
     import time
 
     return int(time.time() * 1000)
-
-
-def json_safe(value):
-    """NaN/inf -> None, recursively, so metrics.json is strict JSON."""
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

@@ -1,6 +1,6 @@
 """Dinomaly: frozen ViT encoder, noisy bottleneck, linear-attention decoder, loose group reconstruction.
 
-Reference: models/uad.py ViTill @c5c76d0 (spec section 1).
+Reference: guojiajeremy/Dinomaly models/uad.py ViTill @c5c76d0.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from dinomaly.config import DinomalyConfig
-from dinomaly.inference import anomaly_map_from_features
+from dinomaly.model.anomaly_map import anomaly_map_from_features
 from dinomaly.model.decoder import DecoderBlock, NoisyBottleneck, init_trainable
 from dinomaly.model.encoder import Encoder
 

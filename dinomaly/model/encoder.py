@@ -1,6 +1,6 @@
 """The frozen encoder: a timm ViT tapped at the target blocks, positions interpolated the DINOv2 way.
 
-Reference: models/vit_encoder.py + dinov2/models/vision_transformer.py @c5c76d0 (spec sections 1 and 6).
+Reference: guojiajeremy/Dinomaly models/vit_encoder.py + dinov2/models/vision_transformer.py @c5c76d0.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def interpolate_patch_pos_embed(patch_pos: torch.Tensor, grid: tuple[int, int],
     """Resample patch position embeddings [1, gh*gw, D] to [1, h*w, D] exactly as DINOv2 does.
 
     Bicubic without antialias, called with scale_factor (n + 0.1) / grid rather than size=(n, n): PyTorch then
-    maps output to input coordinates with grid / (n + 0.1), which moves every value (spec section 6).
+    maps output to input coordinates with grid / (n + 0.1), which moves every value (vs size=(n, n)).
     Reference: dinov2/models/vision_transformer.py interpolate_pos_encoding (interpolate_offset=0.1).
     """
     (gh, gw), (h, w) = grid, size

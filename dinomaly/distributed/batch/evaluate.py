@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import json
 import logging
 import math
 import os
@@ -32,14 +31,9 @@ import pyarrow.parquet as pq
 from dinomaly.config import Config
 from dinomaly.data.manifest import load_manifest, select
 from dinomaly.distributed.batch.scoring import ModelBundle, ScoreSpec, score_rows
-from dinomaly.metrics import (
-    METRIC_NAMES,
-    MetricAccumulator,
-    format_csv,
-    format_markdown,
-    format_table,
-    per_class_table,
-)
+from dinomaly.metrics import METRIC_NAMES, MetricAccumulator
+from dinomaly.results import MetricsRecord, write_metrics_json
+from dinomaly.tables import format_csv, format_markdown, format_table, per_class_table
 from dinomaly.thresholds import f1_optimal_threshold, normal_quantile_threshold
 
 logger = logging.getLogger(__name__)
@@ -187,37 +181,21 @@ def thresholds(scores: pa.Table, config: Config) -> dict[str, Any]:
             "per_class": per_class}
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return None if not math.isfinite(value) else float(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
-def summary(result: EvalResult, bundle: ModelBundle, config: Config) -> dict[str, Any]:
-    """The content of metrics.json (NaN written as null)."""
-    rows = result.rows
+def metrics_record(result: EvalResult, bundle: ModelBundle, config: Config) -> MetricsRecord:
+    """What metrics.json holds for an evaluation (the layout of dinomaly.results, NaN written as null)."""
     images = result.scores.num_rows
-    return _json_safe({
-        "model": {"source": bundle.source, "name": bundle.name, "version": bundle.version},
-        "data": config.data.root,
-        "settings": {"aupro": config.eval.aupro, "pixel_metrics": config.eval.pixel_metrics,
-                     "resize": config.eval.resize, "image_size": config.model.image_size,
-                     "crop_size": config.model.crop_size},
-        "classes": {str(r["class"]): {k: r[k] for k in METRIC_NAMES} for r in rows[:-1]},
-        "mean": {k: rows[-1][k] for k in METRIC_NAMES},
-        "thresholds": thresholds(result.scores, config),
-        "images": images,
-        "unreadable": [{"uri": u, "error": e} for u, e in zip(result.errors.column("uri").to_pylist(),
-                                                              result.errors.column("error").to_pylist())],
-        "seconds": result.seconds,
-        "images_per_s": images / result.seconds if result.seconds > 0 else None,
-    })
+    return MetricsRecord.from_rows(
+        "evaluate", result.rows, thresholds(result.scores, config),
+        model={"source": bundle.source, "name": bundle.name, "version": bundle.version},
+        data=config.data.root,
+        settings={"aupro": config.eval.aupro, "pixel_metrics": config.eval.pixel_metrics,
+                  "resize": config.eval.resize, "image_size": config.model.image_size,
+                  "crop_size": config.model.crop_size},
+        images=images,
+        unreadable=[{"uri": u, "error": e} for u, e in zip(result.errors.column("uri").to_pylist(),
+                                                           result.errors.column("error").to_pylist())],
+        seconds=result.seconds,
+        images_per_s=images / result.seconds if result.seconds > 0 else None)
 
 
 def replace_atomically(path: Path, write: Callable[[Path], Any]) -> None:
@@ -228,58 +206,65 @@ def replace_atomically(path: Path, write: Callable[[Path], Any]) -> None:
     os.replace(temporary, path)
 
 
-def write_outputs(result: EvalResult, bundle: ModelBundle, config: Config, output: Path) -> dict[str, Any]:
-    """metrics.json, per_class.{txt,csv,md}, scores.parquet and heatmaps/ under `output`; returns the summary.
+def write_evaluation_files(result: EvalResult, bundle: ModelBundle, config: Config,
+                           output: Path) -> dict[str, Any]:
+    """metrics.json, per_class.{txt,csv,md}, scores.parquet and heatmaps/ under `output`; returns metrics.json's
+    content.
 
     Each file appears whole (replace_atomically); what a killed run left half-written is deleted first.
     """
     output.mkdir(parents=True, exist_ok=True)
     for stale in [*output.glob(".*.tmp"), *output.glob("heatmaps/*/.*.tmp")]:
         stale.unlink(missing_ok=True)
-    info = summary(result, bundle, config)
-    texts = {"metrics.json": json.dumps(info, indent=1) + "\n", "per_class.txt": format_table(result.rows) + "\n",
-             "per_class.csv": format_csv(result.rows), "per_class.md": format_markdown(result.rows) + "\n"}
+    info = write_metrics_json(output / "metrics.json", metrics_record(result, bundle, config))
+    texts = {"per_class.txt": format_table(result.rows) + "\n", "per_class.csv": format_csv(result.rows),
+             "per_class.md": format_markdown(result.rows) + "\n"}
     for name, text in texts.items():
         replace_atomically(output / name, lambda path, text=text: path.write_text(text))
     replace_atomically(output / "scores.parquet", lambda path: pq.write_table(result.scores, path))
     if result.examples:
-        write_heatmaps(result.examples, config, output / "heatmaps")
+        write_heatmaps(result.examples, config, output / "heatmaps", bundle.threshold())
     return info
 
 
-def write_heatmaps(examples: dict[tuple[str, int], list[Example]], config: Config, folder: Path) -> list[Path]:
+def write_heatmaps(examples: dict[tuple[str, int], list[Example]], config: Config, folder: Path,
+                   threshold: float | None = None) -> list[Path]:
     """One overlay PNG per kept image (re-read and cropped here) and one grid per class.
 
     Files: <class>/normal_<rank>_<name>.png (highest-scored normal images: likely false alarms),
-    <class>/defect_<rank>_<name>.png (highest-scored defective images), <class>/grid.png. One colour range
-    per class (its kept maps' min..max) so the images of a class compare.
+    <class>/defect_<rank>_<name>.png (highest-scored defective images), <class>/grid.png. Every map is
+    coloured on one scale tied to the model's `threshold` (dinomaly.heatmap.colour_scale; without one, the
+    highest value over all kept maps), so images compare across classes. An image that can no longer be
+    read is left out, with a warning.
     """
-    from dinomaly.data.storage import read_bytes
-    from dinomaly.data.transforms import decode_image, resize_crop_image
+    from dinomaly.data.reader import RowError, RowReader
     from dinomaly.distributed.batch.scoring import heatmap_name
-    from dinomaly.heatmap import heatmap_grid, overlay_png
+    from dinomaly.heatmap import colour_scale, encode_png, grid, png_bytes
 
+    reader = RowReader(config.model.image_size, config.model.crop_size, keep_errors=True,
+                       max_pixels=config.data.max_image_pixels or None, storage=config.data)
+    scale = colour_scale(threshold, [ex.anomaly_map for kept in examples.values() for ex in kept])
     written = []
     for name, group in itertools.groupby(sorted(examples), key=lambda key: key[0]):
-        kept = [(label, rank, ex) for _, label in group
-                for rank, ex in enumerate(sorted(examples[(name, label)], reverse=True))]
-        vmin = min(float(ex.anomaly_map.min()) for _, _, ex in kept)
-        vmax = max(float(ex.anomaly_map.max()) for _, _, ex in kept)
         (folder / name).mkdir(parents=True, exist_ok=True)
-        images, captions = [], []
-        for label, rank, ex in kept:
-            image = decode_image(read_bytes(ex.uri, config.data), ex.uri)
-            pixels = resize_crop_image(image, config.model.image_size, config.model.crop_size)
-            kind = "defect" if label else "normal"
-            path = folder / name / f"{kind}_{rank}_{heatmap_name(ex.uri)}"
-            png = overlay_png(pixels, ex.anomaly_map, vmin, vmax, ex.mask)
-            replace_atomically(path, lambda target, png=png: target.write_bytes(png))
-            images.append(pixels)
-            captions.append(f"{kind} score {ex.score:.4f} {Path(ex.uri).name}")
-            written.append(path)
-        grid = heatmap_grid(images, [ex.anomaly_map for _, _, ex in kept], captions,
-                            [ex.mask for _, _, ex in kept], vmin, vmax)
-        replace_atomically(folder / name / "grid.png", lambda target, grid=grid: target.write_bytes(grid))
+        shown, images, captions = [], [], []
+        for _, label in group:
+            for rank, ex in enumerate(sorted(examples[(name, label)], reverse=True)):
+                read = reader.read(ex.uri)
+                if isinstance(read, RowError):
+                    continue
+                kind = "defect" if label else "normal"
+                path = folder / name / f"{kind}_{rank}_{heatmap_name(ex.uri)}"
+                png = png_bytes(ex.anomaly_map, scale, read.image, ex.mask)
+                replace_atomically(path, lambda target, png=png: target.write_bytes(png))
+                shown.append(ex)
+                images.append(read.image)
+                captions.append(f"{kind} score {ex.score:.4f} {Path(ex.uri).name}")
+                written.append(path)
+        if shown:
+            png = encode_png(grid(images, [ex.anomaly_map for ex in shown], scale, captions,
+                                  [ex.mask for ex in shown]))
+            replace_atomically(folder / name / "grid.png", lambda target, png=png: target.write_bytes(png))
     return written
 
 
@@ -306,3 +291,43 @@ def log_to_mlflow(info: dict[str, Any], config: Config, output: Path, run_name: 
     client.log_artifacts(run_id, str(output))
     close_run(tracking.tracking_uri, run_id, succeeded=True)
     return run_id
+
+
+# --------------------------------------------------------------------------- the job as the entry point runs it
+
+
+def prepare(model: str, data: str, preset: str | None, overrides: list[str]) -> tuple[ModelBundle, pa.Table]:
+    """The model and its test rows, checked before any Ray work; ValueError/OSError name the fix.
+
+    data.layout stays the preset's or the checkpoint's (e.g. realiad and its json variant); a .parquet path is
+    read as a manifest."""
+    from dinomaly.distributed.batch.scoring import load_bundle
+
+    bundle = load_bundle(model, preset, [f"data.root={data}", *overrides])
+    return bundle, test_rows(bundle.config)
+
+
+def run(bundle: ModelBundle, table: pa.Table, output: str | Path | None = None, *, heatmaps: int = 0,
+        mlflow: bool = False) -> dict[str, Any]:
+    """Start or join Ray (and stop a Ray it started), evaluate, write <output> (default
+    runs/evaluate-<model>), print the per-class table; with mlflow, log it all to a new MLflow run."""
+    import ray
+
+    from dinomaly.distributed.cluster import ensure_ray
+
+    output = Path(output or f"runs/evaluate-{bundle.name or 'model'}")
+    started = ensure_ray(log_to_driver=True)
+    try:
+        result = evaluate(ray.put(bundle), bundle.config, table, heatmaps=heatmaps)
+        info = write_evaluation_files(result, bundle, bundle.config, output)
+        print(format_table(result.rows))
+        print(f"{info['images']} test images ({len(info['unreadable'])} unreadable) in {result.seconds:.1f} s; "
+              f"results in {output}")
+        if mlflow:
+            run_id = log_to_mlflow(info, bundle.config, output,
+                                   f"evaluate-{bundle.name}-{time.strftime('%Y%m%dT%H%M%S')}")
+            print(f"logged to MLflow run {run_id}")
+    finally:
+        if started:
+            ray.shutdown()
+    return info

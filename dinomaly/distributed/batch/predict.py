@@ -3,7 +3,7 @@
 Output location (folder or s3:// prefix):
     results/part-<run>-<n>.parquet  one row per input image (RESULT_SCHEMA), written every `rows_per_file`
                              rows; read it all with pandas.read_parquet("<output>/results") or Ray Data
-    heatmaps/<stem>-<hash>.png  overlays, when asked (colours 0 .. 2 x threshold, as the service's)
+    heatmaps/<stem>-<hash>.png  overlays, when asked (dinomaly.heatmap: colours 0 .. 2 x threshold)
     run.json                 model source, threshold and heatmap setting of the results
     summary.json             counts, anomaly rate, images/s of the latest run
     .incomplete/             local outputs only: files being written, renamed into place when complete
@@ -231,7 +231,7 @@ def predict(bundle_ref, bundle: ModelBundle, config: Config, inputs: list[str], 
     logger.info("%d images to score, %d already in %s", len(todo), len(inputs) - len(todo), store.uri)
     spec = ScoreSpec(keep_maps=False, storage=StorageOptions.resolve(config.data),
                      heatmap_uri=f"{store.uri}/{HEATMAP_DIR}" if heatmaps else "", staging_dir=store.incomplete,
-                     heatmap_range=(0.0, 2.0 * threshold) if threshold > 0 else None)
+                     heatmap_threshold=threshold)
     counts = {"scored": 0, "errors": 0, "anomalous": 0}
     start, run_id = time.perf_counter(), f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
     if todo:
@@ -269,3 +269,61 @@ def _stream(dataset, store: OutputStore, threshold: float, counts: dict[str, int
                 pending, pending_rows, part = [], 0, part + 1
         if pending:
             store.write_part(pa.concat_tables(pending), f"part-{run_id}-{part:05d}.parquet")
+
+
+# --------------------------------------------------------------------------- the job as the entry point runs it
+
+
+@dataclass
+class PredictJob:
+    """A checked bulk-scoring job: the model, its verdict threshold (and where it came from), the inputs."""
+
+    bundle: ModelBundle
+    threshold: float
+    threshold_source: str
+    inputs: list[str]
+
+
+def prepare(model: str, input_uri: str, preset: str | None, overrides: list[str], threshold: float | None,
+            rows_per_file: int) -> PredictJob:
+    """Everything checked before any Ray work; ValueError/OSError name the fix."""
+    from dinomaly.distributed.batch.scoring import load_bundle
+    from dinomaly.serving_api import resolve_threshold
+
+    if rows_per_file < 1:
+        raise ValueError(f"--rows-per-file {rows_per_file} must be at least 1")
+    bundle = load_bundle(model, preset, overrides)
+    try:
+        value, source = resolve_threshold(threshold, bundle.config.serve.threshold_method, bundle.metadata,
+                                          bundle.tags)
+    except ValueError as err:
+        raise ValueError(f"{err} (pass --threshold)") from err
+    return PredictJob(bundle, value, source, list_inputs(input_uri, bundle.config))
+
+
+def run(job: PredictJob, output_uri: str, *, heatmaps: bool = False, overwrite: bool = False,
+        rows_per_file: int = 2000) -> PredictSummary:
+    """Start or join Ray (and stop a Ray it started), score, print the summary line."""
+    import sys
+
+    import ray
+
+    from dinomaly.distributed.cluster import ensure_ray
+    from dinomaly.distributed.entry import UsageError
+
+    started = ensure_ray(log_to_driver=True)
+    try:
+        summary = predict(ray.put(job.bundle), job.bundle, job.bundle.config, job.inputs, output_uri, job.threshold,
+                          heatmaps=heatmaps, overwrite=overwrite, rows_per_file=rows_per_file,
+                          progress=sys.stderr.isatty())
+    except ValueError as err:  # an output of another run without --overwrite
+        raise UsageError(str(err)) from err
+    finally:
+        if started:
+            ray.shutdown()
+    rate = f"{summary.anomaly_rate:.1%}" if summary.anomaly_rate == summary.anomaly_rate else "n/a"
+    print(f"{summary.inputs} images: {summary.skipped} already scored, {summary.scored} scored and {summary.errors} "
+          f"unreadable now ({summary.images_per_s:.1f} images/s); threshold {job.threshold:.6g} "
+          f"({job.threshold_source}); output {summary.output}: {summary.total_rows} rows, {summary.total_errors} "
+          f"unreadable, anomaly rate {rate}")
+    return summary

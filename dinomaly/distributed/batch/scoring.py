@@ -1,8 +1,8 @@
 """Ray Data batch inference shared by `pipelines/evaluate.py` and `pipelines/predict.py`.
 
     rows (uri [, mask_uri, label, category])            one Arrow block per `rows_per_block` rows
-      --read_rows (tasks)-->  uint8 crop, original size, 256 mask, error   (decode never raises: a bad
-                                                                             file becomes an error row)
+      --read_rows (tasks)-->  uint8 crop, original size, 256 mask, error   (dinomaly.data.reader keeping
+                                                                             errors: a bad file is an error row)
       --ModelScorer (actor pool, CPU or GPU)-->  score, final map, peak location [, heatmap PNG]
       --> the driver (streamed: metrics per class, or Parquet parts)
 
@@ -27,24 +27,15 @@ import torch
 
 from dinomaly.checkpoint import load, load_official
 from dinomaly.config import Config, DinomalyConfig, apply_overrides, load_config
-from dinomaly.data.storage import StorageOptions, filesystem_for, read_bytes, split_uri
-from dinomaly.data.transforms import (
-    CorruptImageError,
-    decode_image,
-    decode_mask,
-    mask_to_tensor,
-    normalize,
-    resize_crop_image,
-    resize_crop_mask,
-)
-from dinomaly.heatmap import overlay_png, peak_location
+from dinomaly.data.reader import RowError, RowReader
+from dinomaly.data.storage import StorageOptions, filesystem_for, split_uri
+from dinomaly.data.transforms import mask_to_tensor, normalize
+from dinomaly.heatmap import colour_scale, peak_location, png_bytes
 from dinomaly.inference import Predictor, resize_masks
 
 logger = logging.getLogger(__name__)
 
 OFFICIAL_SUFFIXES = (".pth", ".pt", ".safetensors")
-# What read_rows turns into an error row instead of failing the run (missing file, bad bytes, denied access).
-_READ_ERRORS = (CorruptImageError, OSError)
 
 
 # --------------------------------------------------------------------------- the model
@@ -61,6 +52,17 @@ class ModelBundle:
     version: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
+
+    def threshold(self) -> float | None:
+        """The model's image threshold as the service finds it (serve.threshold, registry tags, checkpoint
+        metadata; serve.threshold_method), or None when it carries none (e.g. official weights)."""
+        from dinomaly.serving_api import resolve_threshold
+
+        serve = self.config.serve
+        try:
+            return resolve_threshold(serve.threshold, serve.threshold_method, self.metadata, self.tags)[0]
+        except ValueError:
+            return None
 
 
 def _as_config(saved: Config | DinomalyConfig) -> Config:
@@ -114,52 +116,29 @@ def build_model(model_config: DinomalyConfig, state_dict: dict[str, torch.Tensor
 # --------------------------------------------------------------------------- reading
 
 
-@dataclass(frozen=True)
-class ReadSpec:
-    """How read_rows prepares images: the model's resize/crop, the map size for masks, storage settings."""
-
-    image_size: int
-    crop_size: int
-    map_size: int
-    with_masks: bool
-    storage: StorageOptions
-    max_pixels: int | None
-
-
-def _read_one(uri: str, spec: ReadSpec) -> tuple[np.ndarray, int, int]:
-    image = decode_image(read_bytes(uri, spec.storage), uri, spec.max_pixels)
-    return resize_crop_image(image, spec.image_size, spec.crop_size), image.height, image.width
-
-
-def _read_mask(uri: str | None, spec: ReadSpec) -> np.ndarray:
-    """Mask at the map size, bool [S, S]: the reference's resize/crop, then nearest resize and > 0."""
-    if not uri:
-        return np.zeros((spec.map_size, spec.map_size), dtype=bool)
-    mask = decode_mask(read_bytes(uri, spec.storage), uri, spec.max_pixels)
-    cropped = mask_to_tensor(resize_crop_mask(mask, spec.image_size, spec.crop_size))  # [1, crop, crop]
-    return resize_masks(cropped[None], spec.map_size)[0, 0].numpy()
-
-
-def read_rows(batch: dict[str, np.ndarray], spec: ReadSpec) -> dict[str, np.ndarray]:
-    """Ray Data UDF: rows with `uri` (+ `mask_uri`, `label` when spec.with_masks) -> pixels or an error.
+def read_rows(batch: dict[str, np.ndarray], reader: RowReader, map_size: int, with_masks: bool
+              ) -> dict[str, np.ndarray]:
+    """Ray Data UDF: rows with `uri` (+ `mask_uri`, `label` when with_masks) -> pixels or an error.
 
     Adds image uint8 [B, crop, crop, 3], height/width (original size; 0 on error), error ('' = read fine),
-    and mask bool [B, S, S] with spec.with_masks (a normal image's mask is all False, as the reference).
+    and, with_masks, mask bool [B, S, S] at the map size S: the reference's resize/crop, then a nearest resize
+    and > 0 (a normal image's mask is all False, as the reference). `reader` keeps errors: never raises.
     """
-    uris = batch["uri"]
-    count = len(uris)
-    images = np.zeros((count, spec.crop_size, spec.crop_size, 3), dtype=np.uint8)
+    count, crop = len(batch["uri"]), reader.crop_size
+    mask_uris = [(batch["mask_uri"][i] or None) if with_masks and int(batch["label"][i]) == 1 else None
+                 for i in range(count)]
+    read = reader.read_many([(str(uri), mask_uri) for uri, mask_uri in zip(batch["uri"], mask_uris)])
+    images = np.zeros((count, crop, crop, 3), dtype=np.uint8)
     heights, widths = np.zeros(count, np.int32), np.zeros(count, np.int32)
     errors = np.full(count, "", dtype=object)
-    masks = np.zeros((count, spec.map_size, spec.map_size), dtype=bool) if spec.with_masks else None
-    for i, uri in enumerate(uris):
-        try:
-            images[i], heights[i], widths[i] = _read_one(str(uri), spec)
-            if masks is not None and int(batch["label"][i]) == 1:
-                masks[i] = _read_mask(batch["mask_uri"][i], spec)
-        except _READ_ERRORS as err:
-            errors[i] = f"{type(err).__name__}: {err}"
-            logger.warning("unreadable image %s: %s", uri, errors[i])
+    masks = np.zeros((count, map_size, map_size), dtype=bool) if with_masks else None
+    for i, row in enumerate(read):
+        if isinstance(row, RowError):
+            errors[i] = row.reason
+            continue
+        images[i], heights[i], widths[i] = row.image, row.height, row.width
+        if masks is not None and row.mask is not None:
+            masks[i] = resize_masks(mask_to_tensor(row.mask)[None], map_size)[0, 0].numpy()
     out = {**batch, "image": images, "height": heights, "width": widths, "error": errors}
     if masks is not None:
         out["mask"] = masks
@@ -176,7 +155,7 @@ class ScoreSpec:
     keep_maps: bool
     storage: StorageOptions = field(default_factory=StorageOptions)  # resolved on the driver
     heatmap_uri: str = ""  # '' = no heatmaps; else a folder / s3:// prefix for <stem>-<hash>.png
-    heatmap_range: tuple[float, float] | None = None  # colour range (vmin, vmax); None = per image
+    heatmap_threshold: float | None = None  # the model's threshold: colour scale (dinomaly.heatmap.colour_scale)
     staging_dir: str = ""  # local folder where a PNG is written before its rename into heatmap_uri; '' = in place
 
 
@@ -232,7 +211,7 @@ class ModelScorer:
         names = np.full(len(ok), "", dtype=object)
         if not self.spec.heatmap_uri:
             return names
-        vmin, vmax = self.spec.heatmap_range or (None, None)
+        scale = colour_scale(self.spec.heatmap_threshold, maps[ok])  # without a threshold: this batch's max
         for i in np.flatnonzero(ok):
             target = f"{self.spec.heatmap_uri.rstrip('/')}/{heatmap_name(uris[i])}"
             fs, path = filesystem_for(target, self.spec.storage)
@@ -240,7 +219,7 @@ class ModelScorer:
             local = self.spec.staging_dir and not split_uri(target)[0]
             written = f"{self.spec.staging_dir}/{uuid.uuid4().hex[:8]}-{heatmap_name(uris[i])}" if local else path
             with fs.open_output_stream(written) as stream:
-                stream.write(overlay_png(images[i], maps[i], vmin, vmax))
+                stream.write(png_bytes(maps[i], scale, images[i]))
             if local:
                 fs.move(written, path)
             names[i] = target
@@ -268,15 +247,16 @@ def score_rows(table: pa.Table, bundle_ref, config: Config, score_spec: ScoreSpe
     import ray
 
     cfg = config.eval
-    spec = ReadSpec(config.model.image_size, config.model.crop_size, cfg.resize, with_masks,
-                    StorageOptions.resolve(config.data), config.data.max_image_pixels or None)
+    reader = RowReader(config.model.image_size, config.model.crop_size, keep_errors=True,
+                       max_pixels=config.data.max_image_pixels or None, storage=StorageOptions.resolve(config.data))
     dataset = rows_dataset(table, cfg.batch_size)  # a block per batch: every actor gets work early
     if preserve_order:
         dataset.context.execution_options.preserve_order = True
     # CPU actors: the same resources make Ray Data fuse reading into the actors (no extra CPUs needed, no
     # object-store hop); GPU actors: reading runs in CPU tasks beside them, so the GPU never waits on decoding
     read_cpus = cfg.cpus_per_actor if cfg.gpus_per_actor == 0 else 1.0
-    dataset = dataset.map_batches(read_rows, fn_kwargs={"spec": spec}, batch_size=cfg.batch_size,
+    dataset = dataset.map_batches(read_rows, fn_kwargs={"reader": reader, "map_size": cfg.resize,
+                                                        "with_masks": with_masks}, batch_size=cfg.batch_size,
                                   batch_format="numpy", zero_copy_batch=True, num_cpus=read_cpus)
     return dataset.map_batches(
         ModelScorer, fn_constructor_args=([bundle_ref], score_spec), batch_size=cfg.batch_size,

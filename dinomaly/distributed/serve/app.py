@@ -33,7 +33,7 @@ from starlette.formparsers import MultiPartException
 from dinomaly.config import Config
 from dinomaly.distributed.cluster import ensure_ray
 from dinomaly.distributed.models import ResolvedModel, resolve_model
-from dinomaly.distributed.resources import check_resources, serve_request
+from dinomaly.distributed.resources import ResourcesUnavailable, check_resources, serve_request
 from dinomaly.serving_api import (
     RAW_CONTENT_TYPES,
     SUPPORTED_FORMATS,
@@ -313,3 +313,27 @@ def stop() -> None:
     """Remove the app and shut Serve down (the Ray cluster itself is left to whoever started it)."""
     serve.delete(APP_NAME)
     serve.shutdown()
+
+
+def serve_until_stopped(model_uri: str, config: Config, info: ModelInfo) -> int:
+    """The serve job as the entry point runs it: deploy, print the URL, serve until Ctrl-C or SIGTERM."""
+    import signal
+    import sys
+
+    try:
+        url = start(model_uri, config)
+    except RuntimeError as err:  # a replica failed to start (e.g. out of memory); Serve gave up
+        if isinstance(err, ResourcesUnavailable):
+            raise
+        print(f"error: the deployment failed: {err}", file=sys.stderr)
+        return 1
+    print(f"ready: {url}  model {info.name} version {info.version}, threshold {info.threshold:.6g} "
+          f"({info.threshold_source}); API docs at {url}docs; Ctrl-C stops", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        signal.pause()
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        stop()
+    return 0

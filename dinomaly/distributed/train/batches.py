@@ -21,7 +21,7 @@ import pyarrow as pa
 import torch
 
 from dinomaly.config import Config
-from dinomaly.data.dataset import ManifestDataset, _epoch_indices, _loader
+from dinomaly.data.dataset import ManifestDataset, epoch_indices, load_batches
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ class ManifestBatches:
     Global batch order is exactly dinomaly.data.dataset.infinite_train_batches' (a seeded permutation per
     epoch, or manifest order when data.shuffle is false; the last partial batch dropped), so 1 worker here
     trains on what the local loop trains on. Resuming at step s skips s index lists, not s decoded batches.
+    The table must hold at least one global batch (the driver checks: run.load_tables, the sweep's split).
     An unreadable image is logged and counted and leaves that step's batch on this rank one image short.
     """
 
@@ -62,15 +63,10 @@ class ManifestBatches:
         tc, data = self.config.train, self.config.data
         dataset = ManifestDataset(self.train_table, self.config.model, with_masks=False, strict=data.strict,
                                   max_pixels=data.max_image_pixels or None)
-        if len(dataset) < tc.batch_size:
-            raise ValueError(f"the training set has {len(dataset)} images, fewer than train.batch_size="
-                             f"{tc.batch_size}; lower the batch or add images")
         rows = local_rows(tc.batch_size, rank, world)
-        order = _epoch_indices(len(dataset), tc.batch_size, tc.seed, data.shuffle, drop_last=True)
+        order = epoch_indices(len(dataset), tc.batch_size, tc.seed, data.shuffle, drop_last=True)
         shard = (indices[rows] for indices in itertools.islice(order, start_step, None))
-        for batch in _loader(dataset, shard, data.loader_workers):
-            for skipped in batch.skipped:
-                dataset.corrupt.add(skipped)
+        for batch in load_batches(dataset, shard, data.loader_workers):
             if batch.uris:
                 yield batch.images
 

@@ -1,7 +1,7 @@
 """Manifest -> Ray Data: streamed, decoded and cropped on CPU workers, split across training workers.
 
-    manifest rows (URIs, labels) --[shuffle rows, train only]--> map_batches(read + decode + resize + crop)
-        --> uint8 images [B, crop, crop, 3] (+ uint8 masks for evaluation) --> trainer: normalize()
+    manifest rows (URIs, labels) --[shuffle rows]--> map_batches(read + decode + resize + crop)
+        --> uint8 images [B, crop, crop, 3] --> trainer: normalize()
 
 Only URIs are shuffled, and only uint8 pixels cross the object store (4x smaller than float32), so
 memory stays bounded by Ray Data's streaming backpressure whatever the number of images: nothing is
@@ -16,9 +16,9 @@ bit-reproducible; data.shuffle=False gives manifest order. A full shuffle of dec
 the whole dataset; a block-order shuffle plus a local buffer is cheaper but not uniform. Shuffling URIs
 costs one small all-to-all per epoch (on few blocks: see shuffle_blocks) and nothing else.
 
-Bad files: an unreadable image (zero-byte, truncated, not an image, vanished) or mask is dropped by the
-map task, logged with its URI and recorded in an `ErrorCounter` actor, whose summary goes to the run
-summary; with data.strict the task raises instead. Structural problems (missing manifest, root or
+Bad files: an unreadable image (dinomaly.data.reader's error policy: vanished, I/O error, zero-byte,
+truncated, not an image) is dropped by the map task, logged with its URI and recorded in an `ErrorCounter`
+actor, whose summary goes to the run summary; with data.strict the task raises instead. Structural problems (missing manifest, root or
 bucket, unknown category, empty class) raise on the driver before any Ray work.
 """
 
@@ -29,35 +29,23 @@ import logging
 import math
 import weakref
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 import ray.data
 import torch
 
 from dinomaly.config import Config
 from dinomaly.data.manifest import read_manifest, select
-from dinomaly.data.storage import StorageOptions, check_reachable, filesystem_for, read_bytes, split_uri
-from dinomaly.data.transforms import (
-    CorruptImageError,
-    decode_image,
-    decode_mask,
-    mask_to_tensor,
-    normalize,
-    resize_crop_image,
-    resize_crop_mask,
-)
+from dinomaly.data.reader import RowError, RowReader
+from dinomaly.data.storage import StorageOptions, check_reachable, filesystem_for, split_uri
+from dinomaly.data.transforms import normalize
 
 logger = logging.getLogger(__name__)
 
 TARGET_BLOCK_BYTES = 16 * 1024**2  # decoded pixels per block: enough rows to amortise a task, little memory
 MAX_LISTED_ERRORS = 100  # URIs kept for the run summary (the count is always exact)
-FETCH_THREADS = 8  # concurrent object reads per map task
-_FETCH_POOL: ThreadPoolExecutor | None = None  # one per worker process, created on first use
 _ERRORS_BY_DATASET: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -94,7 +82,7 @@ class ErrorCounter:
 
 
 def count_errors(dataset: ray.data.Dataset) -> dict:
-    """The bad-file summary of a dataset made by train_dataset / eval_dataset (see ErrorCounter.summary)."""
+    """The bad-file summary of a dataset made by train_dataset (see ErrorCounter.summary)."""
     if dataset not in _ERRORS_BY_DATASET:
         raise ValueError("this dataset was not built by dinomaly.distributed.train.data; pass errors=ErrorCounter() "
                          "when building it and read that counter")
@@ -139,84 +127,25 @@ def select_rows(manifest: pa.Table | str, config: Config, split: str) -> pa.Tabl
 # --------------------------------------------------------------------------- the map task
 
 
-@dataclass(frozen=True)
-class DecodeSpec:
-    """What a map task needs: sizes, error policy, storage settings (resolved on the driver)."""
+def decode_batch(batch: dict[str, np.ndarray], reader: RowReader, errors: ErrorCounter | None
+                 ) -> dict[str, np.ndarray]:
+    """Manifest rows -> image uint8 [B, crop, crop, 3], label, category, image_uri.
 
-    image_size: int
-    crop_size: int
-    with_masks: bool
-    strict: bool
-    max_pixels: int | None
-    storage: StorageOptions
-
-
-def _fetch_all(uris: list[str | None], storage: StorageOptions) -> list[bytes | OSError | None]:
-    """Read many objects concurrently (object stores answer in tens of ms; decoding stays sequential)."""
-    global _FETCH_POOL
-    if _FETCH_POOL is None:
-        _FETCH_POOL = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="dinomaly-fetch")
-
-    def fetch(uri: str | None) -> bytes | OSError | None:
-        if uri is None:
-            return None
-        try:
-            return read_bytes(uri, storage)
-        except OSError as err:  # missing file, or a storage failure that survived the retries
-            return err
-
-    return list(_FETCH_POOL.map(fetch, uris))
-
-
-def _decode_row(uri: str, data: bytes | OSError, mask_uri: str | None, mask_data: bytes | OSError | None,
-                spec: DecodeSpec) -> tuple[np.ndarray, np.ndarray | None]:
-    for failed in (data, mask_data):
-        if isinstance(failed, OSError):
-            raise failed
-    pixels = resize_crop_image(decode_image(data, uri, spec.max_pixels), spec.image_size, spec.crop_size)
-    if not spec.with_masks:
-        return pixels, None  # [crop, crop, 3] uint8
-    if mask_data is None:  # reference: normal images get an all-zero mask
-        return pixels, np.zeros((spec.crop_size, spec.crop_size), np.uint8)
-    mask = decode_mask(mask_data, mask_uri, spec.max_pixels)
-    return pixels, resize_crop_mask(mask, spec.image_size, spec.crop_size)  # [crop, crop] uint8
-
-
-def decode_batch(batch: dict[str, np.ndarray], spec: DecodeSpec, errors: ErrorCounter | None) -> dict[str, np.ndarray]:
-    """Manifest rows -> image uint8 [B,crop,crop,3], label, category, image_uri (+ mask [B,crop,crop], has_mask).
-
-    Unreadable rows are dropped, logged and recorded in `errors` (B may shrink), or raise when strict.
-    Masks are read only for anomalous rows, and only for evaluation.
+    Unreadable rows are dropped and recorded in `errors` (B may shrink), or raise when the reader
+    does not keep errors (data.strict).
     """
-    labels, image_uris = batch["label"], list(batch["image_uri"])
-    mask_uris = [m if spec.with_masks and labels[i] else None for i, m in enumerate(batch["mask_uri"])]
-    fetched = _fetch_all(image_uris + mask_uris, spec.storage)
-    keep, images, masks = [], [], []
-    for i, uri in enumerate(image_uris):
-        try:
-            pixels, mask = _decode_row(uri, fetched[i], mask_uris[i], fetched[len(image_uris) + i], spec)
-        except (CorruptImageError, OSError) as err:
-            reason = f"{type(err).__name__}: {err}"
-            if spec.strict:
-                raise CorruptImageError(f"unreadable file for image {uri} (data.strict=true): {reason}") from err
-            logger.warning("skipping unreadable image %s: %s", uri, reason)
-            if errors is not None:
-                errors.record(uri, reason)
-            continue
-        keep.append(i)
-        images.append(pixels)
-        masks.append(mask)
-    crop = spec.crop_size
-    out = {
-        "image": np.stack(images) if images else np.zeros((0, crop, crop, 3), np.uint8),
-        "label": np.asarray(labels)[keep].astype(np.int8),
+    read = reader.read_many([(uri, None) for uri in batch["image_uri"]])
+    keep = [i for i, row in enumerate(read) if not isinstance(row, RowError)]
+    for row in read:
+        if isinstance(row, RowError) and errors is not None:
+            errors.record(row.uri, row.reason)
+    crop = reader.crop_size
+    return {
+        "image": np.stack([read[i].image for i in keep]) if keep else np.zeros((0, crop, crop, 3), np.uint8),
+        "label": np.asarray(batch["label"])[keep].astype(np.int8),
         "category": np.asarray(batch["category"], dtype=object)[keep],
         "image_uri": np.asarray(batch["image_uri"], dtype=object)[keep],
     }
-    if spec.with_masks:
-        out["mask"] = np.stack(masks) if masks else np.zeros((0, crop, crop), np.uint8)
-        out["has_mask"] = np.array([bool(labels[i]) and batch["mask_uri"][i] is not None for i in keep], bool)
-    return out
 
 
 # --------------------------------------------------------------------------- datasets
@@ -239,9 +168,8 @@ def shuffle_blocks(num_rows: int) -> int:
     return max(1, min(num_rows, 64, max(4, 2 * cpus)))
 
 
-def _decoded(rows: pa.Table, config: Config, with_masks: bool, shuffle_seed: int | None,
-             errors: ErrorCounter) -> ray.data.Dataset:
-    columns = rows.select(["image_uri", "mask_uri", "label", "category"])
+def _decoded(rows: pa.Table, config: Config, shuffle_seed: int | None, errors: ErrorCounter) -> ray.data.Dataset:
+    columns = rows.select(["image_uri", "label", "category"])
     per_block = rows_per_block(columns.num_rows, config.model.crop_size)
     if shuffle_seed is None:  # many small blocks, in order
         blocks = [columns.slice(start, per_block) for start in range(0, columns.num_rows, per_block)]
@@ -252,11 +180,10 @@ def _decoded(rows: pa.Table, config: Config, with_masks: bool, shuffle_seed: int
         seed = ray.data.RandomSeedConfig(seed=shuffle_seed, reseed_after_execution=True)  # new order each epoch
         dataset = ray.data.from_arrow(blocks).random_shuffle(seed=seed)  # keeps the number of blocks
     data = config.data
-    spec = DecodeSpec(image_size=config.model.image_size, crop_size=config.model.crop_size, with_masks=with_masks,
-                      strict=data.strict, max_pixels=data.max_image_pixels or None,
-                      storage=StorageOptions.resolve(data))
+    reader = RowReader(config.model.image_size, config.model.crop_size, keep_errors=not data.strict,
+                       max_pixels=data.max_image_pixels or None, storage=StorageOptions.resolve(data))
     dataset = dataset.map_batches(decode_batch, batch_size=per_block, batch_format="numpy",
-                                  fn_kwargs={"spec": spec, "errors": errors})
+                                  fn_kwargs={"reader": reader, "errors": errors})
     # one decoded batch = one block: Ray's default (128 MiB) would buffer ~8 batches per map task
     dataset.context.target_max_block_size = 2 * TARGET_BLOCK_BYTES
     _ERRORS_BY_DATASET[dataset] = errors
@@ -273,42 +200,10 @@ def train_dataset(manifest: pa.Table | str, config: Config, errors: ErrorCounter
     """
     rows = select_rows(manifest, config, "train")
     seed = config.train.seed if config.data.shuffle else None
-    dataset = _decoded(rows, config, with_masks=False, shuffle_seed=seed, errors=errors or ErrorCounter())
+    dataset = _decoded(rows, config, shuffle_seed=seed, errors=errors or ErrorCounter())
     if not config.data.shuffle:
         dataset.context.execution_options.preserve_order = True
     return dataset
-
-
-def _ordered_eval(rows: pa.Table, config: Config, errors: ErrorCounter) -> ray.data.Dataset:
-    dataset = _decoded(rows, config, with_masks=True, shuffle_seed=None, errors=errors)
-    dataset.context.execution_options.preserve_order = True  # evaluation order = manifest order, every run
-    return dataset
-
-
-def eval_dataset(manifest: pa.Table | str, config: Config, category: str | None = None,
-                 errors: ErrorCounter | None = None) -> ray.data.Dataset:
-    """The test split (one class, or all) in manifest order, with masks.
-
-    Columns: image uint8 [crop,crop,3], mask uint8 [crop,crop] (zeros for normal images and for
-    anomalous ones without ground truth, see has_mask), has_mask, label, category, image_uri.
-    """
-    rows = select_rows(manifest, config, "test")
-    if category is not None:
-        found = list(dict.fromkeys(rows.column("category").to_pylist()))
-        if category not in found:
-            raise ValueError(f"category {category!r} has no test images; classes found: {found}")
-        rows = rows.filter(pc.equal(rows.column("category"), category))
-    return _ordered_eval(rows, config, errors or ErrorCounter())
-
-
-def eval_datasets(manifest: pa.Table | str, config: Config, errors: ErrorCounter | None = None
-                  ) -> dict[str, ray.data.Dataset]:
-    """{category: ordered test dataset} for per-class evaluation, classes in manifest order, one ErrorCounter."""
-    rows = select_rows(manifest, config, "test")
-    errors = errors or ErrorCounter()
-    categories = list(dict.fromkeys(rows.column("category").to_pylist()))
-    return {c: _ordered_eval(rows.filter(pc.equal(rows.column("category"), c)), config, errors)
-            for c in categories}
 
 
 # --------------------------------------------------------------------------- consuming
@@ -337,13 +232,3 @@ def iter_train_batches(shard: ray.data.DataIterator | ray.data.Dataset, batch_si
         if produced == 0:
             raise ValueError(f"epoch {epoch} gave no full batch of {batch_size} images; lower the batch size "
                              "or add training images (unreadable files are skipped: see count_errors)")
-
-
-def iter_eval_batches(dataset: ray.data.Dataset, batch_size: int) -> Iterator[dict]:
-    """Ordered evaluation batches: images [B,3,crop,crop] normalised, masks [B,1,crop,crop] in 0..1,
-    labels [B] int64, has_mask [B] bool, categories and image_uris (lists)."""
-    for batch in dataset.iter_batches(batch_size=batch_size, batch_format="numpy"):
-        yield {"images": normalize(_writable(batch["image"])), "masks": mask_to_tensor(_writable(batch["mask"])),
-               "labels": torch.as_tensor(batch["label"].astype(np.int64)),
-               "has_mask": torch.as_tensor(batch["has_mask"]), "categories": list(batch["category"]),
-               "image_uris": list(batch["image_uri"])}

@@ -1,4 +1,4 @@
-"""The reference evaluation (spec 5) of a model on a manifest's test split, split over the training workers.
+"""The reference evaluation (utils.py evaluation_batch) of a manifest's test split, split over the workers.
 
 Classes, not images, are divided among the ranks (balanced by image count): each rank scores its
 classes and computes their seven metrics locally, so only small per-class results (metrics, image
@@ -21,11 +21,12 @@ import torch.distributed as dist
 from dinomaly.config import Config
 from dinomaly.data.dataset import ManifestDataset, iterate_batches
 from dinomaly.data.manifest import select
-from dinomaly.distributed.tracking import json_safe  # noqa: F401 - re-exported for callers
+from dinomaly.data.transforms import denormalize
+from dinomaly.heatmap import colour_scale, grid
 from dinomaly.inference import Predictor, resize_masks
-from dinomaly.metrics import MetricAccumulator, per_class_table
+from dinomaly.metrics import MetricAccumulator
+from dinomaly.tables import per_class_table
 from dinomaly.thresholds import f1_optimal_threshold, normal_quantile_threshold
-from dinomaly.visualize import denormalize, image_grid, overlay
 
 logger = logging.getLogger(__name__)
 
@@ -123,10 +124,12 @@ def evaluate_distributed(model: torch.nn.Module, test_table: pa.Table, config: C
     return summarize(local, config) if local else None
 
 
-def heatmap_grid(model: torch.nn.Module, test_table: pa.Table, config: Config, count: int, device: torch.device):
+def heatmap_grid(model: torch.nn.Module, test_table: pa.Table, config: Config, count: int, device: torch.device,
+                 threshold: float | None = None):
     """A PIL grid of `count` normal and `count` defective test images (spread over classes): image | overlay.
 
-    Map colours share one range (the min and max over the shown maps), so rows are comparable.
+    Maps are coloured on dinomaly.heatmap's fixed scale tied to the model's image `threshold` (without one,
+    the highest value over the shown maps), so rows are comparable.
     """
     picks = []
     for label in (0, 1):
@@ -144,15 +147,8 @@ def heatmap_grid(model: torch.nn.Module, test_table: pa.Table, config: Config, c
     if batch is None:
         return None
     result = Predictor(model, config.eval, device=device).predict(batch.images)
-    low, high = float(result.maps.min()), float(result.maps.max())
-    tiles = [[_pil(denormalize(img)), overlay(denormalize(img), amap, low, high, mask[0].numpy())]
-             for img, amap, mask in zip(batch.images, result.maps, batch.masks)]
+    images = [denormalize(image) for image in batch.images]
     captions = [f"{c} {'defect' if lab else 'good'} score {s:.4f}" for c, lab, s in
                 zip(batch.categories, batch.labels.tolist(), result.scores.tolist())]
-    return image_grid(tiles, captions)
-
-
-def _pil(pixels):
-    from PIL import Image
-
-    return Image.fromarray(pixels)
+    return grid(images, list(result.maps), colour_scale(threshold, result.maps), captions,
+                [mask[0].numpy() for mask in batch.masks])

@@ -8,11 +8,11 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from dinomaly.config import Config
-from dinomaly.metrics import METRIC_NAMES, format_table
+from dinomaly.metrics import METRIC_NAMES
+from dinomaly.tables import format_table
 
 if TYPE_CHECKING:
-    from dinomaly.distributed.train.run import TrainOutcome
+    from dinomaly.distributed.train.result import TrainResult
 
 
 class ProgressFormatter:
@@ -43,30 +43,27 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-def summary_lines(outcome: TrainOutcome, config: Config) -> list[str]:
+def summary_lines(result: TrainResult) -> list[str]:
     """Per-class table(s), MLflow run and registry version, checkpoint and output locations."""
+    tracking = result.config.tracking
     lines: list[str] = []
-    for run in outcome.children or [outcome]:
-        summary = run.summary
-        if summary.get("rows"):
-            lines += ["", f"{run.name}, step {summary.get('final_step')}:", format_table(summary["rows"])]
+    for run in result.children or (result,):
+        if run.rows:
+            lines += ["", f"{run.name}, step {run.final_step}:", format_table(run.rows)]
         if run.mlflow_run_id:
-            version = summary.get("model_version")
-            registry = (f"; registered as {config.tracking.registered_model_name}"
-                        f"{'-' + run.name.removeprefix(config.name + '-') if outcome.children else ''} "
-                        f"version {version}") if version else ""
-            lines.append(f"MLflow run {run.mlflow_run_id} in experiment '{config.tracking.experiment_name}'{registry}")
-        errors = summary.get("data_errors") or {}
+            registry = f"; registered as {run.registered_model} version {run.model_version}" if run.model_version \
+                else ""
+            lines.append(f"MLflow run {run.mlflow_run_id} in experiment '{tracking.experiment_name}'{registry}")
+        errors = run.data_errors or {}
         if errors.get("data_errors"):
             lines.append(f"unreadable training files skipped: {errors['data_errors']} (listed in metrics.json), "
                          f"e.g. {[uri for uri, _ in errors['error_files'][:3]]}")
         checkpoint = run.output_dir / "checkpoint" if run.output_dir else run.checkpoint_uri
         lines.append(f"checkpoint: {checkpoint}  (Ray storage: {run.checkpoint_uri})")
-    if outcome.children and outcome.summary["metrics"].get("mean"):
-        mean = outcome.summary["metrics"]["mean"]
-        lines.append("mean over classes: " + "  ".join(f"{k} {mean[k]:.4f}" for k in METRIC_NAMES))
-    if outcome.output_dir:
-        lines.append(f"outputs: {outcome.output_dir}/ (checkpoint/, config.yaml, metrics.json)")
-    if config.tracking.enabled:
-        lines.append(f"browse runs: mlflow ui --backend-store-uri {config.tracking.tracking_uri}")
+    if result.children and result.mean:
+        lines.append("mean over classes: " + "  ".join(f"{k} {result.mean[k]:.4f}" for k in METRIC_NAMES))
+    if result.output_dir:
+        lines.append(f"outputs: {result.output_dir}/ (checkpoint/, config.yaml, metrics.json)")
+    if tracking.enabled:
+        lines.append(f"browse runs: mlflow ui --backend-store-uri {tracking.tracking_uri}")
     return lines

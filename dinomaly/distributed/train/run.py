@@ -1,9 +1,9 @@
 """The driver side of a training run: check everything, start or attach Ray, fit, write the outputs.
 
-    config = prepare_config(load_config("demo", overrides))      # deterministic mode, absolute MLflow URI
-    check_before_start(config, init_from=...)                    # every user error, before any Ray work
+    config = load_config("demo", overrides)
+    check_before_start(config, init_from=..., resume=...)        # every user error, before any Ray work
     ensure_ray()                                                 # attach via RAY_ADDRESS or start local Ray
-    outcomes = train(config, on_progress=print, output_dir=...)  # one per run ('separate': one per class)
+    result = train(config, on_progress=print, output_dir=...)    # a TrainResult ('separate': one child per class)
 
 Checks raise ValueError / FileNotFoundError / PermissionError / ConnectionError with the fix, so an
 entry point can print one line and exit non-zero.
@@ -11,13 +11,11 @@ entry point can print one line and exit non-zero.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,40 +25,35 @@ import yaml
 
 from dinomaly.config import Config, apply_overrides, to_dict
 from dinomaly.data.manifest import load_manifest, select
-from dinomaly.distributed.cluster import attaching_to_cluster, ensure_ray  # noqa: F401 - ensure_ray re-exported
+from dinomaly.distributed.cluster import attaching_to_cluster, ensure_ray
 from dinomaly.distributed.resources import (
     check_resources,
     is_start_timeout,
     start_timeout_error,
     train_request,
 )
-from dinomaly.distributed.tracking import close_run, json_safe, open_run, resolve_tracking_uri
+from dinomaly.distributed.tracking import close_run, open_run, resolve_tracking_uri, run_logger
+from dinomaly.distributed.train.result import TrainResult
+from dinomaly.results import write_metrics_json
+from dinomaly.tables import per_class_table
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class TrainOutcome:
-    """What one Ray Train run produced, as the driver sees it."""
-
-    name: str
-    summary: dict[str, Any]  # rank 0's return value: records, metrics, thresholds, timings
-    checkpoint_uri: str | None  # the latest checkpoint on storage
-    mlflow_run_id: str | None
-    output_dir: Path | None = None
-    children: list[TrainOutcome] = field(default_factory=list)
-
-
 def prepare_config(config: Config) -> Config:
-    """Apply deterministic mode (manifest order, local reader, dropout 0) and pin the MLflow URI absolutely."""
+    """(train() applies it.) Apply deterministic mode (manifest order, local reader, dropout 0) and pin the MLflow URI absolutely."""
     overrides: dict[str, Any] = {"tracking.tracking_uri": resolve_tracking_uri(config.tracking)}
     if config.train.deterministic:
         overrides.update({"data.shuffle": False, "train.data_source": "local", "model.bottleneck_dropout": 0.0})
     return apply_overrides(config, overrides)
 
 
-def check_before_start(config: Config, init_from: str = "", attaching: bool | None = None) -> None:
-    """Fail on the driver, before Ray starts, for anything a worker would only find out later."""
+def check_before_start(config: Config, init_from: str = "", attaching: bool | None = None,
+                       resume: bool | None = None) -> None:
+    """Fail on the driver, before Ray starts, for anything a worker would only find out later.
+
+    resume: also check the run's storage against --resume (check_resume); None skips that check.
+    """
     from dinomaly.data.storage import check_reachable, split_uri
 
     tc = config.train
@@ -81,6 +74,8 @@ def check_before_start(config: Config, init_from: str = "", attaching: bool | No
         check_reachable(f"{scheme}://{path.split('/', 1)[0]}", config.data)  # the bucket; the prefix may be new
     else:
         _check_writable(Path(path))
+    if resume is not None:
+        check_resume(config, resume)
     if init_from and not Path(init_from).exists():
         raise FileNotFoundError(f"--init-from {init_from} does not exist; give an official Dinomaly .pth or a "
                                 "checkpoint directory written by pipelines/train.py")
@@ -120,7 +115,10 @@ def check_resume(config: Config, resume: bool) -> None:
 
 
 def load_tables(config: Config) -> tuple[pa.Table, pa.Table]:
-    """(train rows, test rows) of the configured data; errors name what is missing."""
+    """(train rows, test rows) of the configured data; errors name what is missing.
+
+    The one check that the training images fill a global batch (every batch source drops the last partial one).
+    """
     manifest = load_manifest(config.data)
     train_rows, test_rows = select(manifest, split="train"), select(manifest, split="test")
     if train_rows.num_rows < config.train.batch_size:
@@ -129,13 +127,26 @@ def load_tables(config: Config) -> tuple[pa.Table, pa.Table]:
     return train_rows, test_rows
 
 
+def run(config: Config, *, init_from: str = "", output: str | Path | None = None) -> TrainResult:
+    """The train job as the entry points run it: start or join Ray, train with a progress line per report,
+    write <output> (default runs/<name>) and print the summary. Call check_before_start first."""
+    from dinomaly.distributed.train.progress import ProgressFormatter, summary_lines
+
+    ensure_ray()
+    progress = ProgressFormatter()
+    result = train(config, init_from=init_from, output_dir=output or Path("runs") / config.name,
+                   on_progress=lambda note: print(progress(note), flush=True))
+    print("\n".join(summary_lines(result)))
+    return result
+
+
 def train(config: Config, *, init_from: str = "", batches: list | None = None, stop_at_step: int | None = None,
           on_progress: Callable[[dict], None] | None = None, output_dir: str | Path | None = None,
-          status_dir: str = "") -> TrainOutcome:
+          status_dir: str = "") -> TrainResult:
     """Run training as configured (Ray must be initialised); 'separate' trains one model per class.
 
     batches: fixed global batches instead of config.data (then nothing is evaluated). output_dir: where the
-    final checkpoint, config.yaml and metrics.json are written (None = nowhere). Raises ResourcesUnavailable
+    final checkpoint, config.yaml and metrics.json are written (None = nowhere). Applies prepare_config. Raises ResourcesUnavailable
     (naming what holds them) when the workers' CPUs/GPUs never fit or stay taken for cluster.start_timeout_s.
     """
     config = prepare_config(config)
@@ -147,12 +158,13 @@ def train(config: Config, *, init_from: str = "", batches: list | None = None, s
 
 def _train_one(config: Config, *, init_from: str, batches: list | None, stop_at_step: int | None,
                on_progress: Callable[[dict], None] | None, output_dir: str | Path | None,
-               status_dir: str) -> TrainOutcome:
+               status_dir: str) -> TrainResult:
     import ray
 
     # torch/timm-heavy imports here, so that a refused configuration fails within a second or two
     from dinomaly.distributed.train.batches import ManifestBatches, RayDataBatches, TensorBatches
-    from dinomaly.distributed.train.worker import TrainJob, build_trainer, worker_resources
+    from dinomaly.distributed.train.skeleton import build_trainer, worker_resources
+    from dinomaly.distributed.train.worker import TrainJob, train_worker
 
     datasets, test_rows = None, None
     if batches is not None:
@@ -165,14 +177,16 @@ def _train_one(config: Config, *, init_from: str, batches: list | None, stop_at_
             from dinomaly.distributed.train.data import train_dataset
 
             datasets, source = {"train": train_dataset(train_rows, config)}, RayDataBatches(config)
-    cluster_cpus = ray.cluster_resources().get("CPU")
-    request = train_request(config, worker_resources(config, datasets is not None, cluster_cpus))
+    resources = worker_resources(config, datasets is not None, ray.cluster_resources().get("CPU"))
+    request = train_request(config, resources)
     check_resources(request, config.cluster.start_timeout_s)  # bounded wait; before the MLflow run opens
     run_id = open_run(config, config.name) if config.tracking.enabled else None
     progress = _progress_queue() if on_progress else None
-    job = TrainJob(config=config, source=source, test_table=test_rows, init_from=init_from, mlflow_run_id=run_id,
-                   stop_at_step=stop_at_step, progress=progress, status_dir=status_dir)
-    trainer = build_trainer(config, job, datasets, cluster_cpus)
+    job = TrainJob(config=config, source=source, init_from=init_from, stop_at_step=stop_at_step, test_table=test_rows,
+                   mlflow_run_id=run_id, progress=progress, status_dir=status_dir)
+    trainer = build_trainer(train_worker, job, resources, name=config.name, storage=config.output_root,
+                            max_failures=config.train.max_failures, keep_checkpoints=config.train.keep_checkpoints,
+                            datasets=datasets)
     status, data_errors = "FAILED", None
     try:
         try:
@@ -184,35 +198,30 @@ def _train_one(config: Config, *, init_from: str, batches: list | None, stop_at_
         status = "FINISHED" if stop_at_step is None or stop_at_step >= config.train.total_steps else "KILLED"
     finally:
         if datasets is not None:
-            data_errors = _report_data_errors(datasets["train"], config, run_id)
+            data_errors = _data_errors(datasets["train"], config, run_id)
         if run_id:
             close_run(config.tracking.tracking_uri, run_id, status=status)
         if progress is not None:
             progress.shutdown(force=True)
-    summary = dict(result.return_value or {})
-    if data_errors is not None:
-        summary["data_errors"] = data_errors
-    outcome = TrainOutcome(name=config.name, summary=summary,
-                           checkpoint_uri=result.checkpoint.path if result.checkpoint else None, mlflow_run_id=run_id)
-    if output_dir is not None and result.checkpoint is not None:
-        write_outputs(outcome, config, result.checkpoint, Path(output_dir))
+    log, checkpoint = result.return_value, result.checkpoint
+    written = Path(output_dir) if output_dir is not None and checkpoint is not None else None
+    outcome = TrainResult(config=config, final_step=log.final_step, rows=log.rows, thresholds=log.thresholds,
+                          checkpoint_uri=checkpoint.path if checkpoint else None, mlflow_run_id=run_id,
+                          model_version=log.model_version, data_errors=data_errors, output_dir=written, log=log)
+    if written is not None:
+        write_run_folder(outcome, checkpoint)
     return outcome
 
 
-def _report_data_errors(dataset, config: Config, run_id: str | None) -> dict:
-    """Unreadable training files (skipped and counted by the Ray Data pipeline): logged, and in MLflow."""
+def _data_errors(dataset, config: Config, run_id: str | None) -> dict:
+    """Unreadable training files (skipped and counted by the Ray Data pipeline): logged, and in the MLflow run."""
     from dinomaly.distributed.train.data import count_errors
 
     errors = count_errors(dataset)
     if errors["data_errors"]:
         logger.warning("%d unreadable training files were skipped, e.g. %s", errors["data_errors"],
                        errors["error_files"][:3])
-    if run_id:
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri=config.tracking.tracking_uri)
-        client.log_metric(run_id, "data_errors", errors["data_errors"])
-        client.log_dict(run_id, json_safe(errors), "data_errors.json")
+    run_logger(config, run_id, rank=0).log_data_errors(errors)
     return errors
 
 
@@ -252,26 +261,21 @@ def _fit_with_progress(trainer, progress, on_progress):
         thread.join(timeout=10)
 
 
-def write_outputs(outcome: TrainOutcome, config: Config, checkpoint, output_dir: Path) -> None:
-    """<output_dir>/checkpoint/ (the final checkpoint), config.yaml (resolved) and metrics.json."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint.to_directory(str(output_dir / "checkpoint"))
-    (output_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    summary = outcome.summary
-    metrics = dict(run=config.name, step=summary.get("final_step"), metrics=summary.get("metrics"),
-                   thresholds=summary.get("thresholds"), mlflow_run_id=outcome.mlflow_run_id,
-                   registered_model=config.tracking.registered_model_name if summary.get("model_version") else None,
-                   model_version=summary.get("model_version"), checkpoint_uri=outcome.checkpoint_uri,
-                   data_errors=summary.get("data_errors"))
-    (output_dir / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=1) + "\n")
-    outcome.output_dir = output_dir
+def write_run_folder(result: TrainResult, checkpoint=None) -> None:
+    """result.output_dir/: checkpoint/ (the final Ray checkpoint, when given), config.yaml (as run), metrics.json."""
+    folder = result.output_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    if checkpoint is not None:
+        checkpoint.to_directory(str(folder / "checkpoint"))
+    (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(result.config), sort_keys=False))
+    write_metrics_json(folder / "metrics.json", result.metrics_record())
 
 
-def _train_separate(config: Config, init_from: str, on_progress, output_dir) -> TrainOutcome:
+def _train_separate(config: Config, init_from: str, on_progress, output_dir) -> TrainResult:
     """One Ray Train run per class (<name>-<class>, registered as <model>-<class>), as many at once as fit."""
     import ray
 
-    from dinomaly.distributed.train.worker import worker_resources
+    from dinomaly.distributed.train.skeleton import worker_resources
 
     manifest = load_manifest(config.data)
     classes = sorted(set(manifest.column("category").to_pylist()))
@@ -287,7 +291,7 @@ def _train_separate(config: Config, init_from: str, on_progress, output_dir) -> 
     parallel = max(1, min(len(classes), parallel))
     registered = config.tracking.registered_model_name
 
-    def one(name: str) -> TrainOutcome:
+    def one(name: str) -> TrainResult:
         child = apply_overrides(config, {"name": f"{config.name}-{name}", "data.categories": [name],
                                          "tracking.registered_model_name": f"{registered}-{name}" if registered
                                          else ""})
@@ -298,18 +302,11 @@ def _train_separate(config: Config, init_from: str, on_progress, output_dir) -> 
     logger.info("training %d classes separately, %d at a time", len(classes), parallel)
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         children = list(pool.map(one, classes))
-    metrics = {c.name.removeprefix(f"{config.name}-"): (c.summary.get("metrics") or {}).get("mean", {})
-               for c in children}
-    present = [m for m in metrics.values() if m]
-    if present:
-        metrics["mean"] = {k: sum(m[k] for m in present) / len(present) for k in present[0]}
-    summary = dict(metrics=metrics, final_step=config.train.total_steps, separate=True)
-    outcome = TrainOutcome(name=config.name, summary=summary, checkpoint_uri=None, mlflow_run_id=None,
-                           children=children)
-    if output_dir is not None:
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(output_dir) / "metrics.json").write_text(json.dumps(json_safe(dict(
-            run=config.name, setting="separate", metrics=metrics,
-            runs={c.name: str(c.output_dir) for c in children})), indent=1) + "\n")
-        outcome.output_dir = Path(output_dir)
+    means = {c.name.removeprefix(f"{config.name}-"): c.mean for c in children if c.rows}
+    outcome = TrainResult(config=config, final_step=config.train.total_steps,
+                          rows=per_class_table(means) if means else [], thresholds=None, checkpoint_uri=None,
+                          mlflow_run_id=None, model_version=None, data_errors=None,
+                          output_dir=Path(output_dir) if output_dir is not None else None, children=tuple(children))
+    if outcome.output_dir is not None:
+        write_run_folder(outcome)
     return outcome

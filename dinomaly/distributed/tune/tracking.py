@@ -19,14 +19,11 @@ import json
 import logging
 import math
 import tempfile
-from typing import TYPE_CHECKING
 
 from dinomaly.config import Config, flatten
 from dinomaly.distributed.tracking import default_artifact_location, git_commit
+from dinomaly.distributed.tune.ranking import SweepOutcome, format_ranking, ranking_csv, summary
 from dinomaly.distributed.tune.trial import ROLE_TAG, SWEEP_TAG, TRIAL_TAG
-
-if TYPE_CHECKING:
-    from dinomaly.distributed.tune.sweep import SweepOutcome
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +78,6 @@ def finish_tracking(config: Config, outcome: SweepOutcome) -> None:
 
     Adds mlflow_run_id to each ranking row and sets outcome.registered_version / outcome.champion.
     """
-    from dinomaly.distributed.tune.sweep import format_ranking, ranking_csv, summary
-
     client = _client(config)
     children = client.search_runs([_experiment_id(client, config)], filter_string=(
         f"tags.`{SWEEP_TAG}` = '{config.name}' and tags.`{ROLE_TAG}` = 'trial'"))

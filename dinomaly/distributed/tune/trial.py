@@ -1,24 +1,22 @@
 """One Tune trial: a driver function that runs a Ray Train run of the trial's config and reports to Tune.
 
-Ray 2.60 pattern (shared/ray-notes.md section 3): the Tune trainable is a plain function that builds and
-fits a TorchTrainer whose RunConfig carries TuneReportCallback, so every ray.train.report of rank 0 reaches
-Tune (ASHA decides on it). The Train run is named after the trial id under the sweep's storage, so a
-restored sweep re-runs the function and the Train run resumes from its latest checkpoint.
+Ray 2.60 pattern (Ray Train V2 no longer accepts Tuner(TorchTrainer)): the Tune trainable is a plain
+function that builds and fits a TorchTrainer whose RunConfig carries TuneReportCallback, so every
+ray.train.report of rank 0 reaches Tune (ASHA decides on it). The Train run is named after the trial id
+under the sweep's storage, so a restored sweep re-runs the function and the Train run resumes from its
+latest checkpoint.
 
-The workers run dinomaly.loop.train_steps from images or from the feature cache (dinomaly.features),
-stop at tune.evaluations evenly spaced points, compute the objective there and report it with a
-checkpoint. A loss or gradient norm that is NaN/inf (or above tune.max_loss) fails the trial with
+The workers run the worker skeleton of training runs (dinomaly.distributed.train.skeleton) with TrialHooks,
+on images or on the feature cache (dinomaly.features): they stop at tune.evaluations evenly spaced points,
+compute the objective there and report it with a checkpoint. A loss or gradient norm that is NaN/inf (or above tune.max_loss) fails the trial with
 TrialDiverged; Tune records the reason and the sweep goes on. So does a trial whose workers' CPUs/GPUs are
 not free within cluster.start_timeout_s (TrialFailed naming what holds them).
 """
 
 from __future__ import annotations
 
-import itertools
-import json
 import logging
 import math
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -26,26 +24,31 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from dinomaly.checkpoint import load, save
-from dinomaly.config import Config, apply_overrides, parse_search_spec
+from dinomaly.config import Config, apply_overrides
 from dinomaly.data.dataset import ManifestDataset, iterate_batches
-from dinomaly.distributed.cluster import storage_for
 from dinomaly.distributed.resources import (
     ResourcesUnavailable,
-    bound_train_start,
     check_resources,
     is_start_timeout,
     start_timeout_error,
     train_request,
 )
-from dinomaly.distributed.tracking import open_run, run_logger
+from dinomaly.distributed.tracking import NullRunLogger, open_run, run_logger
 from dinomaly.distributed.train.batches import ManifestBatches
-from dinomaly.distributed.train.evaluation import evaluate_distributed, json_safe
-from dinomaly.distributed.train.worker import worker_resources
-from dinomaly.features import FeatureBatches, FeatureCache, FeatureInput
-from dinomaly.loop import TrainState, seed_everything, train_steps
+from dinomaly.distributed.train.evaluation import evaluate_distributed
+from dinomaly.distributed.train.skeleton import (
+    Chunk,
+    WorkerJob,
+    WorkerRun,
+    build_trainer,
+    run_worker,
+    worker_resources,
+)
+from dinomaly.distributed.tune.space import SearchSpace
+from dinomaly.features import FeatureBatches, FeatureCache
 from dinomaly.loss import hard_mining_cosine_loss
 from dinomaly.model.dinomaly import Dinomaly
+from dinomaly.results import json_safe
 
 logger = logging.getLogger(__name__)
 
@@ -74,23 +77,9 @@ class SweepSpec:
     parent_run_id: str | None
 
 
-def decode_params(params: dict[str, Any], space: dict[str, Any]) -> dict[str, Any]:
-    """Tune's sampled values -> config overrides: choice()/grid() values travel as JSON text (Optuna needs
-    scalars), and a mapping value sets the keys below its dotted key."""
-    overrides: dict[str, Any] = {}
-    for key, value in params.items():
-        if key in space and parse_search_spec(key, space[key])[0] in ("choice", "grid"):
-            value = json.loads(value)
-        if isinstance(value, dict):
-            overrides.update({f"{key}.{sub}": v for sub, v in value.items()})
-        else:
-            overrides[key] = value
-    return overrides
-
-
 def trial_config(base: Config, params: dict[str, Any], trial_id: str) -> Config:
     """The trial's validated config (ValueError names the bad value); its name is the trial id."""
-    overrides = decode_params(params, base.tune.search_space)
+    overrides = SearchSpace.from_config(base).decode(params)
     return apply_overrides(base, {**overrides, "name": f"{base.name}-{trial_id}"})
 
 
@@ -106,7 +95,6 @@ def run_trial(params: dict[str, Any], spec: SweepSpec) -> None:
     """The Tune function trainable: build the trial config, open its MLflow child run, fit its Train run."""
     import ray.train
     from ray import tune
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = tune.get_context().get_trial_id()
@@ -116,18 +104,10 @@ def run_trial(params: dict[str, Any], spec: SweepSpec) -> None:
               if spec.cache_uri else ManifestBatches(spec.train_rows, config))
     resources = worker_resources(config, uses_ray_data=False, cluster_cpus=None)
     job = TrialJob(config=config, source=source, objective=spec.objective, eval_rows=spec.eval_rows,
-                   cache_uri=spec.cache_uri, mlflow_run_id=run_id, threads=max(1, int(resources["CPU"])))
-    storage_path, filesystem = storage_for(spec.train_storage, config.data)
-    trainer = TorchTrainer(
-        trial_worker, train_loop_config={"job": job},
-        scaling_config=ray.train.ScalingConfig(num_workers=config.train.num_workers, use_gpu=config.train.use_gpu,
-                                               resources_per_worker=resources),
-        run_config=ray.train.RunConfig(
-            name=trial_id, storage_path=storage_path, storage_filesystem=filesystem,
-            callbacks=[TuneReportCallback()], checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-            # divergence is deterministic: no retry; worker start-up retries bounded by cluster.start_timeout_s
-            failure_config=ray.train.FailureConfig(
-                max_failures=0, controller_failure_limit=bound_train_start(config.cluster.start_timeout_s))))
+                   cache_uri=spec.cache_uri, mlflow_run_id=run_id)
+    trainer = build_trainer(trial_worker, job, resources, name=trial_id, storage=spec.train_storage,
+                            max_failures=0,  # divergence is deterministic: no retry
+                            keep_checkpoints=1, callbacks=[TuneReportCallback()])
     request = train_request(config, resources, what=f"trial {trial_id}")
     try:  # a trial that cannot get its workers in time fails with the reason; the sweep goes on
         check_resources(request, config.cluster.start_timeout_s)
@@ -170,33 +150,13 @@ def _open_child_run(config: Config, spec: SweepSpec, trial_id: str) -> str:
 
 
 @dataclass
-class TrialJob:
-    """What the trial's Train workers need (train_loop_config)."""
+class TrialJob(WorkerJob):
+    """The trial's workers: the skeleton's job plus what the objective needs."""
 
-    config: Config
-    source: ManifestBatches | FeatureBatches
-    objective: Objective
-    eval_rows: pa.Table | None
-    cache_uri: str | None
-    mlflow_run_id: str | None
-    threads: int = 1
-
-
-def _initial_model(config: Config) -> tuple[Dinomaly, dict | None, dict | None]:
-    """(model, saved train state, last report) from the Train run's latest checkpoint (a resumed trial), or
-    (fresh model, None, None). The last report is that checkpoint's metrics plus its checkpoint_path."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return Dinomaly(config.model), None, None
-    with checkpoint.as_directory() as directory:
-        loaded = load(directory)
-    model = Dinomaly(config.model, load_encoder_weights=False)
-    model.load_state_dict(loaded.model.state_dict())
-    metrics = (loaded.metadata or {}).get("metrics")
-    last = dict(metrics, checkpoint_path=checkpoint.path) if metrics else None
-    return model, loaded.train_state, last
+    objective: Objective = "labelled"
+    eval_rows: pa.Table | None = None
+    cache_uri: str | None = None
+    mlflow_run_id: str | None = None
 
 
 def check_divergence(records: list[dict], max_loss: float) -> None:
@@ -211,42 +171,53 @@ def check_divergence(records: list[dict], max_loss: float) -> None:
 
 
 def trial_worker(loop_config: dict) -> None:
-    """Train to each evaluation point, compute the objective, report it (+ a checkpoint) to Train and Tune."""
-    import ray.train
-    import ray.train.torch
-
+    """The Ray Train per-worker function of a trial (the shared skeleton with TrialHooks)."""
     job: TrialJob = loop_config["job"]
-    config, tc = job.config, job.config.train
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(job.threads)
-    device = ray.train.torch.get_device()
-    seed_everything(tc.seed)
-    model, saved, last_report = _initial_model(config)
-    if last_report is not None:  # an interrupt can fall between this report and Tune seeing it: say it again
-        ray.train.report(last_report)
-    runner = FeatureInput(model) if isinstance(job.source, FeatureBatches) else model
-    wrapped = ray.train.torch.prepare_model(runner, parallel_strategy_kwargs={"broadcast_buffers": False})
-    state = TrainState.from_state_dict(wrapped, config, saved) if saved else TrainState.create(wrapped, config)
-    if rank > 0:
-        torch.manual_seed(tc.seed + rank + 7919 * state.step)  # distinct dropout masks per rank
-    tracker = run_logger(config, job.mlflow_run_id, rank)
-    batches = job.source.iterate(rank, world, state.step)
-    points = evaluation_steps(tc.total_steps, config.tune.evaluations)
-    for number, end in enumerate(points, start=1):
-        if end <= state.step:
-            continue
-        records: list[dict] = []
-        while state.step < end:  # chunks of log_every steps so a divergence stops the trial early
-            chunk = min(end - state.step, tc.log_every or end)
-            done, state = train_steps(wrapped, itertools.islice(batches, chunk), config, state)
-            check_divergence(done, config.tune.max_loss)
-            records += done
-        tracker.log_steps(records)
-        metrics, thresholds = _objective(job, model, runner, rank, world, device)
-        metrics.update(evaluation=number, step=state.step, loss=float(np.mean([r["loss"] for r in records])))
-        tracker.log_steps([{k: v for k, v in metrics.items() if k not in ("evaluation", "loss")}])
-        _report(model, config, state, metrics, thresholds, rank)
+    run_worker(job, TrialHooks(job))
+
+
+class TrialHooks:
+    """Stop every train.log_every steps to catch a divergence early; at each of tune.evaluations evenly spaced
+    steps compute the objective and report it, with a checkpoint, to Train and Tune."""
+
+    def __init__(self, job: TrialJob):
+        self.job = job
+        self.points = evaluation_steps(job.config.train.total_steps, job.config.tune.evaluations)
+        self.records: list[dict] = []
+        self.tracker = NullRunLogger()
+
+    def start(self, run: WorkerRun) -> None:
+        import ray.train
+
+        self.tracker = run_logger(run.config, self.job.mlflow_run_id, run.rank)
+        last = run.start.metadata.get("metrics")
+        if last:  # an interrupt can fall between this report and Tune seeing it: say it again
+            ray.train.report(dict(last, checkpoint_path=run.start.checkpoint_path))
+
+    def next_stop(self, run: WorkerRun) -> int:
+        step = run.state.step
+        point = next(p for p in self.points if p > step)
+        return min(point, step + (run.config.train.log_every or point))
+
+    def at_stop(self, run: WorkerRun, chunk: Chunk) -> None:
+        check_divergence(chunk.records, run.config.tune.max_loss)
+        self.records += chunk.records
+        step = run.state.step
+        if step not in self.points:
+            return
+        self.tracker.log_steps(self.records)
+        metrics, thresholds = _objective(self.job, run.model, run.runner, run.rank, run.world, run.device)
+        metrics.update(evaluation=self.points.index(step) + 1, step=step,
+                       loss=float(np.mean([r["loss"] for r in self.records])))
+        self.tracker.log_steps([{k: v for k, v in metrics.items() if k not in ("evaluation", "loss")}])
+        metadata = dict(step=step, run_name=run.config.name, metrics=json_safe(metrics))
+        if thresholds:
+            metadata["thresholds"] = json_safe(thresholds)
+        run.report(metrics, checkpoint=True, metadata=metadata)
+        self.records = []
+
+    def finish(self, run: WorkerRun) -> None:
+        return None
 
 
 def _objective(job: TrialJob, model: Dinomaly, runner: torch.nn.Module, rank: int, world: int,
@@ -289,19 +260,3 @@ def holdout_loss(runner: torch.nn.Module, job: TrialJob, device: torch.device) -
         total += float(hard_mining_cosine_loss(enc, dec, p=0.0)) * inputs.shape[0]
         count += inputs.shape[0]
     return total / count
-
-
-def _report(model: Dinomaly, config: Config, state: TrainState, metrics: dict, thresholds: dict | None,
-            rank: int) -> None:
-    """ray.train.report on every rank; rank 0 attaches the checkpoint (weights, train state, objective)."""
-    import ray.train
-
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if rank == 0:
-            metadata = dict(step=state.step, run_name=config.name, metrics=json_safe(metrics))
-            if thresholds:
-                metadata["thresholds"] = json_safe(thresholds)
-            save(tmp, model, config, train_state=state.state_dict(), metadata=metadata)
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{state.step:07d}")

@@ -1,0 +1,234 @@
+"""The config sections of what a training run computes and records: model, data, train, eval, tracking.
+
+Each section is a dataclass whose fields carry their `--help` text (`doc`) and whose `__post_init__` refuses
+bad values with a message that names the fix. `Config` (dinomaly.config.jobs) nests them all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+# Reference defaults per encoder size (guojiajeremy/Dinomaly dinomaly_mvtec_uni.py @c5c76d0); the paper words
+# them 1-based ("[3..10]th" blocks for ViT-S/B).
+REFERENCE_TARGET_LAYERS = {
+    "small": [2, 3, 4, 5, 6, 7, 8, 9],
+    "base": [2, 3, 4, 5, 6, 7, 8, 9],
+    "large": [4, 6, 8, 10, 12, 14, 16, 18],
+}
+
+
+def doc(text: str, **kwargs: Any) -> Any:
+    """A dataclass field whose one-line help text becomes its `--help` entry."""
+    return field(metadata={"doc": text}, **kwargs)
+
+
+@dataclass(kw_only=True)
+class DinomalyConfig:
+    """The model: frozen encoder, noisy bottleneck, linear-attention decoder, loose layer groups."""
+
+    encoder: str = doc("timm model name of the frozen encoder", default="vit_base_patch14_reg4_dinov2")
+    encoder_weights: str = doc(
+        "'hub' (timm's pretrained download), 'none' (random, tests only) or a path to a DINOv2 .pth, "
+        "timm .safetensors/.pth file", default="hub")
+    encoder_kwargs: dict[str, Any] = doc(
+        "extra timm.create_model arguments, e.g. {embed_dim: 32, num_heads: 2} for tiny test encoders",
+        default_factory=dict)
+    target_layers: list[int] = doc(
+        "0-based encoder blocks whose outputs are reconstructed", default_factory=lambda: [2, 3, 4, 5, 6, 7, 8, 9])
+    fuse_groups: list[list[int]] = doc(
+        "groups of indices into target_layers whose mean is compared (loose reconstruction); "
+        "decoder layers are grouped the same way after reversal", default_factory=lambda: [[0, 1, 2, 3], [4, 5, 6, 7]])
+    bottleneck_dropout: float = doc("dropout probability of the noisy MLP bottleneck (0.4 for Real-IAD)", default=0.2)
+    decoder_depth: int = doc("number of linear-attention decoder blocks (= len(target_layers) in the reference)",
+                             default=8)
+    attention_eps: float = doc("eps added to the linear-attention normaliser (0 = reference; 1e-6 if training NaNs)",
+                               default=0.0)
+    image_size: int = doc("images are resized to image_size x image_size (PIL bilinear)", default=448)
+    crop_size: int = doc("then centre-cropped to crop_size (a multiple of the patch size, 14)", default=392)
+
+    def __post_init__(self) -> None:
+        if self.crop_size % 14:
+            lower, upper = self.crop_size // 14 * 14, (self.crop_size // 14 + 1) * 14
+            raise ValueError(f"model.crop_size={self.crop_size} is not a multiple of the patch size 14; "
+                             f"use {lower} or {upper}")
+        if self.crop_size > self.image_size:
+            raise ValueError(f"model.crop_size={self.crop_size} is larger than model.image_size="
+                             f"{self.image_size}; the crop must fit inside the resized image")
+        if not 0.0 <= self.bottleneck_dropout < 1.0:
+            raise ValueError(f"model.bottleneck_dropout={self.bottleneck_dropout} must be in [0, 1)")
+        if not self.target_layers:
+            raise ValueError("model.target_layers is empty; give the encoder blocks to reconstruct, e.g. [2, ..., 9]")
+        if sorted(set(self.target_layers)) != list(self.target_layers):
+            raise ValueError(f"model.target_layers={self.target_layers} must be strictly increasing block indices")
+        if min(self.target_layers) < 0:
+            raise ValueError(f"model.target_layers={self.target_layers} has a negative block index")
+        if self.decoder_depth < 1:
+            raise ValueError(f"model.decoder_depth={self.decoder_depth} must be at least 1")
+        n = len(self.target_layers)
+        if self.decoder_depth != n:
+            raise ValueError(f"model.decoder_depth={self.decoder_depth} differs from len(model.target_layers)={n}; "
+                             "each group pairs encoder and decoder layers by index, so they must match")
+        used = [i for group in self.fuse_groups for i in group]
+        if not self.fuse_groups or any(not group for group in self.fuse_groups):
+            raise ValueError(f"model.fuse_groups={self.fuse_groups} must be a non-empty list of non-empty groups")
+        for gi, group in enumerate(self.fuse_groups):
+            for i in group:
+                if not 0 <= i < n:
+                    raise ValueError(f"model.fuse_groups[{gi}] uses layer {i} but target_layers has {n} entries "
+                                     f"(0-{n - 1}); fix model.fuse_groups")
+        if len(set(used)) != len(used):
+            raise ValueError(f"model.fuse_groups={self.fuse_groups} uses a layer twice; each layer belongs to one group")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where the images come from and how they are read."""
+
+    root: str = doc("dataset root (folder or s3://bucket/prefix) or a Parquet manifest (.parquet)", default="")
+    layout: Literal["auto", "mvtec", "mpdd", "visa", "visa_raw", "realiad", "folder", "manifest"] = doc(
+        "dataset layout of root ('auto' detects it)", default="auto")
+    categories: list[str] = doc("classes to use (empty = all classes found)", default_factory=list)
+    realiad_json_variant: str = doc("Real-IAD split folder under realiad_jsons/: realiad_jsons, realiad_jsons_sv, "
+                                    "realiad_jsons_fuiad_0.0, ...", default="realiad_jsons")
+    visa_split_csv: str = doc("VisA raw layout: split csv (split_csv/1cls.csv style)", default="")
+    endpoint_url: str = doc("S3-compatible endpoint (MinIO, moto); empty = AWS_ENDPOINT_URL or AWS", default="")
+    region: str = doc("S3 region; empty = AWS_DEFAULT_REGION or us-east-1", default="")
+    folder_test_fraction: float = doc("folder layout: fraction of a class's good images (evenly spaced by name) "
+                                      "held out as normal test images when it has defect images", default=0.2)
+    max_image_pixels: int = doc("refuse images with more pixels than this (decompression-bomb guard; 0 = no limit)",
+                                default=89_478_485)
+    strict: bool = doc("fail on the first unreadable image instead of skipping and counting it", default=False)
+    loader_workers: int = doc("CPU processes decoding images per training worker (local loop)", default=0)
+    shuffle: bool = doc("shuffle training images each epoch (False = manifest order, for deterministic runs)",
+                        default=True)
+
+    def __post_init__(self) -> None:
+        if self.loader_workers < 0:
+            raise ValueError(f"data.loader_workers={self.loader_workers} must be >= 0")
+        if not 0.0 <= self.folder_test_fraction < 1.0:
+            raise ValueError(f"data.folder_test_fraction={self.folder_test_fraction} must be in [0, 1)")
+        if self.max_image_pixels < 0:
+            raise ValueError(f"data.max_image_pixels={self.max_image_pixels} must be >= 0 (0 = no limit)")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The optimisation: reference values from guojiajeremy/Dinomaly dinomaly_mvtec_uni.py @c5c76d0."""
+
+    setting: Literal["unified", "separate"] = doc(
+        "'unified' = one model for all classes (multi-class); 'separate' = one model per class", default="unified")
+    total_steps: int = doc("optimiser steps (iterations) in the whole run (per class when separate)",
+                           default=10_000)
+    batch_size: int = doc("global batch size (split evenly across workers)", default=16)
+    lr: float = doc("peak learning rate of the warm-cosine schedule", default=2e-3)
+    final_lr: float = doc("learning rate at the end of the cosine decay", default=2e-4)
+    warmup_steps: int = doc("linear warm-up steps, from lr 0 (the first step runs at lr 0)", default=100)
+    betas: list[float] = doc("StableAdamW betas", default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = doc("decoupled weight decay (applied to every trainable tensor)", default=1e-4)
+    eps: float = doc("StableAdamW eps (1e-10 in *_uni scripts, 1e-8 in mvtec/visa/mpdd _sep)", default=1e-10)
+    clip_grad_norm: float = doc("total L2 norm the gradients are clipped to", default=0.1)
+    hard_mining_final_p: float = doc("fraction of easy points whose gradient is damped, after the ramp",
+                                     default=0.9)
+    hard_mining_ramp_steps: int = doc("steps over which p ramps linearly from 0", default=1000)
+    hard_mining_factor: float = doc("gradient factor on the easy points", default=0.1)
+    global_hard_mining: bool = doc("take the hard-mining threshold over the global batch across workers "
+                                   "(reference semantics); False = per worker", default=True)
+    seed: int = doc("random seed (reference: 1)", default=1)
+    precision: Literal["fp32", "bf16"] = doc("fp32 (reference) or bf16 autocast", default="fp32")
+    log_every: int = doc("log loss/lr/p every N steps", default=50)
+    eval_every: int = doc("evaluate every N steps (0 = only at the end)", default=0)
+    checkpoint_every: int = doc("checkpoint every N steps (0 = only at the end)", default=1000)
+    num_workers: int = doc("Ray Train workers (DDP ranks)", default=1)
+    use_gpu: bool = doc("one GPU per worker (NCCL); CPU workers use gloo", default=False)
+    cpus_per_worker: float = doc("CPUs each Ray Train worker reserves (0 = auto: 1, or less when Ray Data needs "
+                                 "a CPU left free to read images)", default=0.0)
+    data_source: Literal["ray_data", "local"] = doc(
+        "'ray_data' = Ray Data shards streamed to the workers; 'local' = every worker reads its slice of each "
+        "global batch from the manifest itself (exact manifest order, resumable mid-epoch)", default="ray_data")
+    deterministic: bool = doc("deterministic mode: manifest order (data.shuffle false, local reader), bottleneck "
+                              "dropout 0, fixed seeds, deterministic torch kernels; the same on any worker count",
+                              default=False)
+    max_failures: int = doc("times a run restarts from its latest checkpoint after a worker or node dies",
+                            default=3)
+    keep_checkpoints: int = doc("checkpoints kept on storage (the latest K; 0 = keep all)", default=2)
+
+    def __post_init__(self) -> None:
+        for name in ("total_steps", "batch_size", "num_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name}={getattr(self, name)} must be at least 1")
+        if self.warmup_steps < 0 or self.warmup_steps >= self.total_steps:
+            raise ValueError(f"train.warmup_steps={self.warmup_steps} must be in [0, train.total_steps="
+                             f"{self.total_steps})")
+        if self.batch_size % self.num_workers:
+            raise ValueError(f"train.batch_size={self.batch_size} is not divisible by train.num_workers="
+                             f"{self.num_workers}; choose a batch that splits evenly across workers")
+        if not 0.0 <= self.hard_mining_final_p < 1.0:
+            raise ValueError(f"train.hard_mining_final_p={self.hard_mining_final_p} must be in [0, 1)")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"train.betas={self.betas} must be two numbers in [0, 1)")
+        if self.max_failures < 0 or self.keep_checkpoints < 0 or self.cpus_per_worker < 0:
+            raise ValueError(f"train.max_failures={self.max_failures}, train.keep_checkpoints="
+                             f"{self.keep_checkpoints} and train.cpus_per_worker={self.cpus_per_worker} must be >= 0")
+        for name in ("log_every", "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name}={getattr(self, name)} must be >= 0")
+        if self.lr <= 0 or self.final_lr < 0:
+            raise ValueError(f"train.lr={self.lr} must be > 0 and train.final_lr={self.final_lr} >= 0")
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """The reference evaluation: guojiajeremy/Dinomaly utils.py evaluation_batch @c5c76d0."""
+
+    resize: int = doc("maps and masks are resized to resize x resize before scoring", default=256)
+    blur_kernel: int = doc("Gaussian blur kernel size (odd)", default=5)
+    blur_sigma: float = doc("Gaussian blur sigma", default=4.0)
+    max_ratio: float = doc("image score = mean of the top max_ratio fraction of map pixels", default=0.01)
+    batch_size: int = doc("evaluation batch size", default=16)
+    aupro: Literal["reference", "exact"] = doc(
+        "'reference' = 200 thresholds, FPR<0.3 rescaled by the largest kept FPR; 'exact' = full curve to 0.3",
+        default="reference")
+    pixel_metrics: Literal["exact", "streaming"] = doc(
+        "'exact' keeps every normal-pixel score of a class until its metrics are computed (the reference numbers; "
+        "memory grows with the class size); 'streaming' keeps them as counts of values rounded to 20 mantissa "
+        "bits (their memory stops growing with the test set; pixel metrics move by about 1e-6)", default="exact")
+    actors: int = doc("model actors scoring in parallel in evaluate/predict (Ray Data ActorPoolStrategy size)",
+                      default=1)
+    cpus_per_actor: float = doc("CPUs each model actor reserves (also its torch thread count, rounded up)",
+                                default=1.0)
+    gpus_per_actor: float = doc("GPUs each model actor reserves (> 0 runs the model on CUDA)", default=0.0)
+
+    def __post_init__(self) -> None:
+        if self.actors < 1 or self.cpus_per_actor <= 0 or self.gpus_per_actor < 0:
+            raise ValueError(f"eval.actors={self.actors} must be >= 1, eval.cpus_per_actor={self.cpus_per_actor} "
+                             f"> 0 and eval.gpus_per_actor={self.gpus_per_actor} >= 0")
+        if self.blur_kernel < 1 or self.blur_kernel % 2 == 0:
+            raise ValueError(f"eval.blur_kernel={self.blur_kernel} must be a positive odd number")
+        if not 0.0 < self.max_ratio <= 1.0:
+            raise ValueError(f"eval.max_ratio={self.max_ratio} must be in (0, 1]")
+        if self.resize < 1 or self.batch_size < 1:
+            raise ValueError("eval.resize and eval.batch_size must be at least 1")
+
+
+@dataclass(kw_only=True)
+class TrackingConfig:
+    """MLflow tracking."""
+
+    tracking_uri: str = doc("MLflow tracking URI; empty = MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db",
+                            default="")
+    experiment_name: str = doc("MLflow experiment", default="dinomaly")
+    registered_model_name: str = doc("name in the MLflow Model Registry (empty = do not register)",
+                                     default="dinomaly")
+    enabled: bool = doc("log to MLflow at all", default=True)
+    heatmap_images: int = doc("normal and defective test images (each) in the heatmap-overlay grid artifact",
+                              default=4)
+    normal_quantile: float = doc("quantile of the normal test images' scores stored as the threshold for "
+                                 "unlabelled data (next to the F1-optimal one)", default=0.99)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.normal_quantile <= 1.0:
+            raise ValueError(f"tracking.normal_quantile={self.normal_quantile} must be in (0, 1]")
+        if self.heatmap_images < 0:
+            raise ValueError(f"tracking.heatmap_images={self.heatmap_images} must be >= 0")
+

@@ -1,0 +1,64 @@
+"""metrics.json: one layout for every job that measures a model (training, evaluation).
+
+    {"job": "train" | "evaluate",
+     "classes": {class: {seven metrics}}, "mean": {seven metrics}, "thresholds": {...} or null,
+     ...job-specific fields (train: run, step, checkpoint_uri, mlflow_run_id, ...; evaluate: model, data, ...)}
+
+NaN and inf are written as null, so the file is strict JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class MetricsRecord:
+    """What metrics.json holds: per-class metrics, their mean, the image-score thresholds, job fields."""
+
+    job: str
+    classes: dict[str, dict[str, float]]
+    mean: dict[str, float]
+    thresholds: dict[str, Any] | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_rows(cls, job: str, rows: list[dict], thresholds: dict | None = None, **details: Any) -> MetricsRecord:
+        """From dinomaly.metrics.per_class_table rows (one per class, then 'mean'); no rows: empty metrics."""
+        by_class = {str(r["class"]): {k: v for k, v in r.items() if k != "class"} for r in rows}
+        mean = by_class.pop("mean", {})
+        return cls(job=job, classes=by_class, mean=mean, thresholds=thresholds, details=details)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json_safe({"job": self.job, "classes": self.classes, "mean": self.mean,
+                          "thresholds": self.thresholds, **self.details})
+
+
+def write_metrics_json(path: str | Path, record: MetricsRecord) -> dict[str, Any]:
+    """Write `record` to `path` whole or not at all (a hidden file renamed over it); returns what was written."""
+    path = Path(path)
+    content = record.to_dict()
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(content, indent=1) + "\n")
+    os.replace(temporary, path)
+    return content
+
+
+def json_safe(value: Any) -> Any:
+    """NaN/inf -> None and numpy scalars -> Python numbers, recursively (keys as strings): strict JSON."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
