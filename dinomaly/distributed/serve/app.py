@@ -23,7 +23,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve import Application
 from starlette.datastructures import UploadFile
@@ -61,12 +61,15 @@ class ModelRef(BaseModel):
 
 
 class ImagePrediction(BaseModel):
-    score: float
-    is_anomalous: bool
-    threshold: float
-    model: ModelRef
-    heatmap_png_base64: str | None = None
-    filename: str | None = None
+    """One image's answer; the field descriptions appear in the API docs at /docs."""
+
+    score: float = Field(description="image anomaly score: mean of the top 1 % of the blurred anomaly map")
+    is_anomalous: bool = Field(description="score >= threshold")
+    threshold: float = Field(description="the image-score threshold of the verdict")
+    model: ModelRef = Field(description="the model that scored the image")
+    heatmap_png_base64: str | None = Field(default=None, description="with ?heatmap=true: the anomaly map over "
+                                           "the image as a base64 PNG, coloured on the threshold-tied scale")
+    filename: str | None = Field(default=None, description="the uploaded file's name (batch requests)")
 
 
 class Prediction(ImagePrediction):
