@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,12 +44,17 @@ class MetricsRecord:
 
 def write_metrics_json(path: str | Path, record: MetricsRecord) -> dict[str, Any]:
     """Write `record` to `path` whole or not at all (a hidden file renamed over it); returns what was written."""
-    path = Path(path)
     content = record.to_dict()
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(content, indent=1) + "\n")
-    os.replace(temporary, path)
+    replace_atomically(Path(path), lambda target: target.write_text(json.dumps(content, indent=1) + "\n"))
     return content
+
+
+def replace_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """`write` a hidden file beside `path`, then rename it over `path`: whenever the process is killed, a
+    reader finds the old file or the new one, never half of one (and globs like *.png skip the hidden one)."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    write(temporary)
+    os.replace(temporary, path)
 
 
 def json_safe(value: Any) -> Any:

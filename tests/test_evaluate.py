@@ -192,7 +192,7 @@ def test_streaming_pixel_metrics_match_exact_and_log_to_mlflow(setup, exact_run,
 
 def test_outputs_are_replaced_whole_or_not_at_all(tmp_path):
     """A writer that dies halfway (as under SIGKILL) leaves the previous file as it was, never half of the new."""
-    from dinomaly.distributed.batch.evaluate import replace_atomically
+    from dinomaly.results import replace_atomically
 
     target = tmp_path / "metrics.json"
     target.write_text('{"old": 1}')

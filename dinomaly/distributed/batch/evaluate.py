@@ -15,10 +15,8 @@ import heapq
 import itertools
 import logging
 import math
-import os
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,7 @@ from dinomaly.config import Config
 from dinomaly.data.manifest import load_manifest, select
 from dinomaly.distributed.batch.scoring import ModelBundle, ScoreSpec, score_rows
 from dinomaly.metrics import METRIC_NAMES, MetricAccumulator
-from dinomaly.results import MetricsRecord, write_metrics_json
+from dinomaly.results import MetricsRecord, replace_atomically, write_metrics_json
 from dinomaly.tables import format_csv, format_markdown, format_table, per_class_table
 from dinomaly.thresholds import f1_optimal_threshold, normal_quantile_threshold
 
@@ -198,14 +196,6 @@ def metrics_record(result: EvalResult, bundle: ModelBundle, config: Config) -> M
         images_per_s=images / result.seconds if result.seconds > 0 else None)
 
 
-def replace_atomically(path: Path, write: Callable[[Path], Any]) -> None:
-    """`write` a hidden file beside `path`, then rename it over `path`: whenever the process is killed, a
-    reader finds the old file or the new one, never half of one (and globs like *.png skip the hidden one)."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    write(temporary)
-    os.replace(temporary, path)
-
-
 def write_evaluation_files(result: EvalResult, bundle: ModelBundle, config: Config,
                            output: Path) -> dict[str, Any]:
     """metrics.json, per_class.{txt,csv,md}, scores.parquet and heatmaps/ under `output`; returns metrics.json's
@@ -316,7 +306,7 @@ def run(bundle: ModelBundle, table: pa.Table, output: str | Path | None = None, 
     from dinomaly.distributed.cluster import ensure_ray
 
     output = Path(output or f"runs/evaluate-{bundle.name or 'model'}")
-    started = ensure_ray(log_to_driver=True)
+    started = ensure_ray()
     try:
         result = evaluate(ray.put(bundle), bundle.config, table, heatmaps=heatmaps)
         info = write_evaluation_files(result, bundle, bundle.config, output)

@@ -311,7 +311,7 @@ def run(job: PredictJob, output_uri: str, *, heatmaps: bool = False, overwrite: 
     from dinomaly.distributed.cluster import ensure_ray
     from dinomaly.distributed.entry import UsageError
 
-    started = ensure_ray(log_to_driver=True)
+    started = ensure_ray()
     try:
         summary = predict(ray.put(job.bundle), job.bundle, job.bundle.config, job.inputs, output_uri, job.threshold,
                           heatmaps=heatmaps, overwrite=overwrite, rows_per_file=rows_per_file,
