@@ -7,17 +7,26 @@
     scale:      N small JPEGs + a manifest written into the S3 server, streamed through train_dataset
                 once; images/s and the peak memory of the driver and every Ray process together
                 (sum of RSS, and of PSS, which counts shared object-store pages once), sampled at 2 Hz.
+                --packed: a Real-IAD-like set (30 classes x 5 views, defective test samples with
+                masks; deterministic, generated in parallel and cached under --cache), packed into
+                Parquet shards (dinomaly.data.pack), uploaded to the S3 server and streamed from there;
+                also the S3 requests the stream made (counted in the server's request log).
+                --large N: N JPEGs each of 1024 and 2048 px streamed the same way, with fast decoding
+                (JPEG DCT scaling) off and on.
 
 Usage (prints figures, never asserts):
     .venv/bin/python benchmarks/ingest.py throughput [--count 400] [--size 512] [--workers 2]
     .venv/bin/python benchmarks/ingest.py scale --count 15000 [--size 64]
+    .venv/bin/python benchmarks/ingest.py scale --count 150000 --packed [--large 1000]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -40,7 +49,7 @@ from PIL import Image  # noqa: E402
 
 from dinomaly.config import Config, apply_overrides  # noqa: E402
 from dinomaly.data.dataset import ManifestDataset, collate_samples  # noqa: E402
-from dinomaly.data.manifest import MANIFEST_SCHEMA, write_manifest  # noqa: E402
+from dinomaly.data.manifest import MANIFEST_SCHEMA, read_manifest, write_manifest  # noqa: E402
 from dinomaly.data.storage import filesystem_for, upload_tree  # noqa: E402
 from dinomaly.data.transforms import decode_image, normalize, resize_crop_image  # noqa: E402
 from dinomaly.distributed.train.data import count_errors, iter_train_batches, train_dataset  # noqa: E402
@@ -72,14 +81,17 @@ def manifest_for(uris: list[str], sizes: list[int]) -> pa.Table:
 
 
 @contextmanager
-def moto_server():
-    """moto S3 on 127.0.0.1 (free port) with bucket 'bench'; AWS_* set for this process; stopped after."""
+def moto_server(request_log: Path | None = None):
+    """moto S3 on 127.0.0.1 (free port) with bucket 'bench'; AWS_* set for this process; stopped after.
+
+    request_log: where the server's access log goes (one line per request: see count_requests)."""
     import subprocess
 
     port = fixtures_s3._free_port()
     endpoint = f"http://127.0.0.1:{port}"
+    log = open(request_log, "wb") if request_log else subprocess.DEVNULL  # noqa: SIM115 - closed below
     process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               stdout=log, stderr=log)
     try:
         fixtures_s3._wait_ready(process, endpoint, 60)
         os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
@@ -90,6 +102,16 @@ def moto_server():
     finally:
         process.terminate()
         process.wait(timeout=30)
+        if request_log:
+            log.close()
+
+
+def count_requests(request_log: Path) -> int:
+    """HTTP requests in the server's access log ('... "GET /bench/... HTTP/1.1" 206 -', some methods wrapped in
+    colour codes), the readiness polls of /moto-api/ left out."""
+    request = re.compile(rb'"(?:\x1b\[[0-9;]*m)*(?:GET|PUT|HEAD|POST|DELETE) ')
+    return sum(1 for line in request_log.read_bytes().splitlines()
+               if request.search(line) and b"/moto-api/" not in line)
 
 
 def bench_config(image_size: int, crop: int, shuffle: bool = True) -> Config:
@@ -99,10 +121,10 @@ def bench_config(image_size: int, crop: int, shuffle: bool = True) -> Config:
 
 def ray_epochs(manifest: pa.Table | str, config: Config, batch: int) -> Iterator[float]:
     """images/s of successive epochs of train_dataset -> iter_train_batches (normalised float batches)."""
-    dataset = train_dataset(manifest, config)
+    dataset = train_dataset(manifest, config, epochs=1)
     while True:
         start, images = time.perf_counter(), 0
-        for images_batch in iter_train_batches(dataset, batch, max_epochs=1):
+        for images_batch in iter_train_batches(dataset, batch, max_passes=1):
             images += images_batch.shape[0]
         yield images / (time.perf_counter() - start)
 
@@ -219,49 +241,194 @@ def write_objects(fs, paths: list[str], variants: list[bytes]) -> None:
         list(pool.map(put, range(len(paths))))
 
 
+# --------------------------------------------------------------------------- a Real-IAD-like set, packed
+
+CLASSES, VIEWS = 30, 5
+
+
+def realiad_row(i: int) -> dict:
+    """Image i: sample i // 5 seen from view i % 5 + 1; classes take turns; a fifth of the samples are test
+    samples, half of those defective (with a mask)."""
+    sample, view = divmod(i, VIEWS)
+    split = "test" if sample % 5 == 0 else "train"
+    defective = split == "test" and sample % 10 == 0
+    category = f"class{sample % CLASSES:02d}"
+    name = f"{category}/S{sample:06d}_C{view + 1}"
+    return dict(name=name, category=category, view=f"C{view + 1}", sample_id=f"S{sample:06d}", split=split,
+                label=int(defective), defect="defect" if defective else "good")
+
+
+DISTINCT_CONTENTS = 256  # encoded images per size; each file is made unique by a JPEG comment segment
+
+
+@functools.lru_cache(maxsize=1)
+def _contents(size: int) -> tuple[bytes, ...]:
+    """DISTINCT_CONTENTS photo-like JPEGs of `size` px (smooth colour field + noise, quality 85), seeded."""
+    out = []
+    for k in range(DISTINCT_CONTENTS):
+        rng = np.random.default_rng([7, k])
+        coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        smooth = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BICUBIC), dtype=np.int16)
+        pixels = np.clip(smooth + rng.integers(-12, 13, smooth.shape, dtype=np.int16), 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=85)
+        out.append(buffer.getvalue())
+    return tuple(out)
+
+
+def unique_jpeg(size: int, i: int) -> bytes:
+    """Image i: content i % DISTINCT_CONTENTS with a COM segment naming i after the SOI marker, so every file
+    differs (encoding 150,000 distinct images took hours on a busy 2-core machine; decoding costs the same)."""
+    data, comment = _contents(size)[i % DISTINCT_CONTENTS], f"dinomaly-bench {i}".encode()
+    return data[:2] + b"\xff\xfe" + (len(comment) + 2).to_bytes(2, "big") + comment + data[2:]
+
+
+def _write_images(job: tuple[str, int, int, int]) -> list[int]:
+    """Images start..stop-1 of `size` px (and masks of the defective ones) under `root`; their byte sizes.
+    Deterministic: image i depends on i only."""
+    root, size, start, stop = job
+    sizes = []
+    for i in range(start, stop):
+        row = realiad_row(i)
+        target = Path(root) / f"{row['name']}.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if row["label"]:  # a square defect somewhere in the upper-left quarter
+            rng = np.random.default_rng([11, i])
+            mask = np.zeros((size, size), np.uint8)
+            top, left = rng.integers(0, size // 2, 2)
+            mask[top:top + size // 4, left:left + size // 4] = 255
+            Image.fromarray(mask).save(Path(root) / f"{row['name']}_mask.png")
+        data = unique_jpeg(size, i)
+        target.write_bytes(data)
+        sizes.append(len(data))
+    return sizes
+
+
+def generate_realiad(root: Path, count: int, size: int, processes: int) -> pa.Table:
+    """The manifest of `count` generated images under root (written once, in `processes` processes)."""
+    import multiprocessing
+
+    done = root / f".complete-v2-{count}-{size}"
+    step = 2000
+    jobs = [(str(root), size, start, min(count, start + step)) for start in range(0, count, step)]
+    if done.exists():
+        sizes = [(root / f"{realiad_row(i)['name']}.jpg").stat().st_size for i in range(count)]
+    else:
+        with multiprocessing.get_context("fork").Pool(processes) as pool:
+            sizes = [n for part in pool.map(_write_images, jobs) for n in part]
+        done.touch()
+    rows = [realiad_row(i) for i in range(count)]
+    return pa.Table.from_pydict({
+        "image_uri": [str(root / f"{r['name']}.jpg") for r in rows],
+        "mask_uri": [str(root / f"{r['name']}_mask.png") if r["label"] else None for r in rows],
+        "label": [r["label"] for r in rows], "category": [r["category"] for r in rows],
+        "defect": [r["defect"] for r in rows], "split": [r["split"] for r in rows],
+        "sample_id": [r["sample_id"] for r in rows], "view": [r["view"] for r in rows], "size_bytes": sizes},
+        schema=MANIFEST_SCHEMA)
+
+
+def packed_on_s3(cache: Path, count: int, size: int, processes: int, shard_mb: int, server) -> pa.Table:
+    """Generate (once), pack (resumable) on local disk, upload the shards to the S3 server; the packed
+    manifest with its shard URIs on S3."""
+    from dinomaly.data.pack import pack_manifest
+
+    folder = cache / f"{count}x{size}"
+    started = time.perf_counter()
+    manifest = generate_realiad(folder / "images", count, size, processes)
+    print(f"generated {count} JPEGs of {size} px ({np.mean(manifest.column('size_bytes').to_numpy()) / 1024:.1f} "
+          f"KiB avg) in {time.perf_counter() - started:.0f} s (cached in {folder})", flush=True)
+    started = time.perf_counter()
+    index = pack_manifest(manifest, str(folder / "packed"), shard_bytes=shard_mb * 1024**2)
+    shards = sorted((folder / "packed" / "shards").glob("*.parquet"))
+    print(f"packed into {len(shards)} shards ({sum(f.stat().st_size for f in shards) / 1024**3:.2f} GiB) in "
+          f"{time.perf_counter() - started:.0f} s", flush=True)
+    started = time.perf_counter()
+    upload_tree(folder / "packed" / "shards", server.uri(f"packed-{count}x{size}/shards"))
+    print(f"uploaded to {server.uri(f'packed-{count}x{size}/')} in {time.perf_counter() - started:.0f} s", flush=True)
+    table = read_manifest(index)
+    local = str(folder / "packed" / "shards")
+    on_s3 = pa.array([u.replace(local, server.uri(f"packed-{count}x{size}/shards"))
+                      for u in table.column("shard_uri").to_pylist()])
+    return table.set_column(table.schema.get_field_index("shard_uri"), "shard_uri", on_s3)
+
+
+def stream(manifest: pa.Table | str, config: Config, batch: int, exclude: set[int], request_log: Path | None,
+           label: str) -> None:
+    """One pass of train_dataset -> iter_train_batches: images/s, peak memory of all Ray processes, S3 requests."""
+    sampler = MemorySampler(exclude=exclude)
+    sampler.sample()
+    baseline_pss = sampler.peak_pss
+    sampler.start()
+    requests_before = count_requests(request_log) if request_log else 0
+    start, images = time.perf_counter(), 0
+    dataset = train_dataset(manifest, config, epochs=1)
+    for images_batch in iter_train_batches(dataset, batch, max_passes=1):
+        images += images_batch.shape[0]
+        if images % 10_000 < batch:  # interim figures, for runs cut short
+            print(f"  {images} images, {images / (time.perf_counter() - start):.1f} img/s, peak PSS so far "
+                  f"{sampler.peak_pss / 1024**3:.2f} GiB", flush=True)
+    elapsed = time.perf_counter() - start
+    sampler.stop_event.set()
+    sampler.join()
+    requests = f"; {count_requests(request_log) - requests_before} S3 requests" if request_log else ""
+    print(f"{label}: streamed {images} images ({config.model.image_size} -> {config.model.crop_size} px) in "
+          f"{elapsed:.0f} s: {images / elapsed:.1f} img/s; skipped {count_errors(dataset)['data_errors']}{requests}")
+    print(f"  peak memory of driver + Ray processes ({sampler.peak_processes} processes): "
+          f"sum RSS {sampler.peak_rss / 1024**3:.2f} GiB, sum PSS {sampler.peak_pss / 1024**3:.2f} GiB "
+          f"(PSS before streaming {baseline_pss / 1024**3:.2f} GiB)")
+    print("  at the peak (PSS, MiB): " + ", ".join(f"{n} {m / 1024**2:.0f}" for n, m in sampler.at_peak[:8]),
+          flush=True)
+
+
+def all_as_training(table: pa.Table) -> pa.Table:
+    """Every row in the train split, so one training stream reads every image (masks are not read)."""
+    return table.set_column(table.schema.get_field_index("split"), "split", pa.array(["train"] * table.num_rows))
+
+
+def start_ray(args) -> None:
+    ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False,
+             object_store_memory=args.object_store_gib * 1024**3)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    torch.set_num_threads(1)
+
+
 def run_scale(args) -> None:
     config = bench_config(args.image_size, args.crop)
-    variants = jpeg_variants(args.size, 64)
-    with moto_server() as (server, moto_pid):
-        fs, _ = filesystem_for(server.uri())
-        start = time.perf_counter()
-        distinct = min(args.distinct or args.count, args.count)
-        names = [f"scale/S{i // 5:06d}_C{i % 5 + 1}.jpg" for i in range(distinct)]
-        write_objects(fs, [f"bench/{n}" for n in names], variants)
-        print(f"wrote {distinct} JPEGs of {args.size}px to {server.uri()} in {time.perf_counter() - start:.0f} s")
-        uris = [server.uri(names[i % distinct]) for i in range(args.count)]
-        manifest = manifest_for(uris, [len(variants[i % 64]) for i in range(args.count)])
-        if distinct == args.count:  # a real manifest file on S3
-            manifest = write_manifest(manifest, server.uri("scale.parquet"))
+    with tempfile.TemporaryDirectory() as tmp, moto_server(Path(tmp) / "requests.log") as (server, moto_pid):
+        log = Path(tmp) / "requests.log"
+        if args.packed:
+            manifest: pa.Table | str = all_as_training(packed_on_s3(
+                Path(args.cache), args.count, args.size, args.processes, args.shard_mb, server))
+            large = {px: all_as_training(packed_on_s3(Path(args.cache), args.large, px, args.processes,
+                                                      args.shard_mb, server)) for px in (1024, 2048) if args.large}
         else:
-            print(f"manifest: {args.count} rows cycling over the {distinct} objects (each read "
-                  f"{args.count / distinct:.0f}x), passed as a table")
-        ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False,
-                 object_store_memory=args.object_store_gib * 1024**3)
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        torch.set_num_threads(1)
-        sampler = MemorySampler(exclude={moto_pid})
-        sampler.sample()
-        baseline_pss = sampler.peak_pss
-        sampler.start()
-        start, images = time.perf_counter(), 0
-        dataset = train_dataset(manifest, config)
-        for batch in iter_train_batches(dataset, args.batch, max_epochs=1):
-            images += batch.shape[0]
-            if images % 10_000 < args.batch:  # interim figures, for runs cut short
-                print(f"  {images} images, {images / (time.perf_counter() - start):.1f} img/s, peak PSS so far "
-                      f"{sampler.peak_pss / 1024**3:.2f} GiB", flush=True)
-        elapsed = time.perf_counter() - start
-        sampler.stop_event.set()
-        sampler.join()
-        print(f"streamed {images} of {args.count} images ({args.image_size} -> {args.crop} px) in {elapsed:.0f} s: "
-              f"{images / elapsed:.1f} img/s; skipped {count_errors(dataset)['data_errors']}")
-        print(f"peak memory of driver + Ray processes ({sampler.peak_processes} processes): "
-              f"sum RSS {sampler.peak_rss / 1024**3:.2f} GiB, sum PSS {sampler.peak_pss / 1024**3:.2f} GiB "
-              f"(object store capped at {args.object_store_gib} GiB; PSS before streaming "
-              f"{baseline_pss / 1024**3:.2f} GiB)")
-        print("  at the peak (PSS, MiB): " + ", ".join(f"{n} {m / 1024**2:.0f}" for n, m in sampler.at_peak[:8]))
+            manifest, large = unpacked_on_s3(args, server), {}
+        start_ray(args)
+        stream(manifest, config, args.batch, {moto_pid}, log, f"{args.count} {'packed' if args.packed else ''}")
+        for px, table in large.items():
+            for fast in (False, True):
+                large_config = apply_overrides(bench_config(448, 392), {"data.fast_decode": fast})  # Real-IAD's
+                stream(table, large_config, args.batch, {moto_pid}, log,
+                       f"{args.large} JPEGs of {px} px, fast decode {'on' if fast else 'off'}")
         ray.shutdown()
+
+
+def unpacked_on_s3(args, server) -> pa.Table | str:
+    """One object per image (64 distinct contents): the slow way, kept for comparison."""
+    variants = jpeg_variants(args.size, 64)
+    fs, _ = filesystem_for(server.uri())
+    start = time.perf_counter()
+    distinct = min(args.distinct or args.count, args.count)
+    names = [f"scale/S{i // 5:06d}_C{i % 5 + 1}.jpg" for i in range(distinct)]
+    write_objects(fs, [f"bench/{n}" for n in names], variants)
+    print(f"wrote {distinct} JPEGs of {args.size}px to {server.uri()} in {time.perf_counter() - start:.0f} s")
+    uris = [server.uri(names[i % distinct]) for i in range(args.count)]
+    manifest = manifest_for(uris, [len(variants[i % 64]) for i in range(args.count)])
+    if distinct == args.count:  # a real manifest file on S3
+        return write_manifest(manifest, server.uri("scale.parquet"))
+    print(f"manifest: {args.count} rows cycling over the {distinct} objects (each read "
+          f"{args.count / distinct:.0f}x), passed as a table")
+    return manifest
 
 
 def main() -> None:
@@ -279,12 +446,18 @@ def main() -> None:
     parser.add_argument("--distinct", type=int, default=0,
                         help="scale: distinct objects written (0 = count); manifest rows cycle over them")
     parser.add_argument("--reps", type=int, default=3, help="throughput: timed epochs per reader")
+    parser.add_argument("--packed", action="store_true", help="scale: a Real-IAD-like set in packed shards")
+    parser.add_argument("--large", type=int, default=0, help="scale --packed: also N JPEGs each of 1024, 2048 px")
+    parser.add_argument("--shard-mb", type=int, default=256, help="scale --packed: shard size")
+    parser.add_argument("--processes", type=int, default=2, help="scale --packed: processes generating images")
+    parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "dinomaly-ingest-scale"),
+                        help="scale --packed: where generated images and shards are kept between runs")
     args = parser.parse_args()
     if args.mode == "throughput":
         args.count, args.size = args.count or 400, args.size or 512
         run_throughput(args)
     else:
-        args.count, args.size = args.count or 15000, args.size or 64
+        args.count, args.size = args.count or 15000, args.size or (256 if args.packed else 64)
         run_scale(args)
 
 

@@ -4,10 +4,11 @@ Colour ramp: jet (dark blue -> blue -> cyan -> yellow -> red -> dark red), blend
 there is one, with a ground-truth mask outlined in green.
 
 Scale: every map is coloured on one FIXED range, the same for every image, never its own min..max (which
-makes a normal image look as anomalous as a defective one, anomalib#3085). 0 is the bottom of the ramp and
-`scale` its top; larger values are clipped to the top. `colour_scale` ties it to the model's image
-threshold t: scale = 2 t. The image score is the mean of the hottest map pixels (dinomaly.inference), so a
-pixel at the threshold is mid-ramp (green), a normal image stays blue and a defect's hot region turns red.
+makes a normal image look as anomalous as a defective one). 0 is the bottom of the ramp and `scale` its
+top; larger values are clipped to the top. `colour_scale` ties it to the image threshold t of the image's
+class (the global one when no class is known): scale = 2 t. The image score is the mean of the hottest map
+pixels (dinomaly.inference), so a pixel at the threshold is mid-ramp (green) in every class, a normal image
+stays blue and a defect's hot region turns red.
 Without a usable threshold (none in the checkpoint, or not > 0) the fallback is the highest value over all
 the maps drawn together (a scoring batch, an evaluation's kept examples, a grid), never one image's own;
 1.0 when no maps are given (maps are 1 - cosine similarity, so 0..2).
@@ -84,11 +85,12 @@ def png_bytes(anomaly_map: np.ndarray, scale: float, image: np.ndarray | None = 
     return encode_png(overlay(image, anomaly_map, scale, mask))
 
 
-def grid(images: Sequence[np.ndarray], maps: Sequence[np.ndarray], scale: float, captions: Sequence[str] = (),
-         masks: Sequence[np.ndarray | None] | None = None, pad: int = 4) -> Image.Image:
+def grid(images: Sequence[np.ndarray], maps: Sequence[np.ndarray], scale: float | Sequence[float],
+         captions: Sequence[str] = (), masks: Sequence[np.ndarray | None] | None = None, pad: int = 4) -> Image.Image:
     """One row per image, [image | overlay], each row optionally captioned in a band above it.
 
-    images: uint8 [H, W, 3] each (tiles take the first one's size); maps: [h, w] each, all on `scale`.
+    images: uint8 [H, W, 3] each (tiles take the first one's size); maps: [h, w] each, all on `scale`, or
+    one scale per row (rows of different classes, each on its class threshold's scale).
     """
     if not images or len(images) != len(maps):
         raise ValueError(f"a heatmap grid needs one map per image and at least one image, got {len(images)} "
@@ -96,8 +98,11 @@ def grid(images: Sequence[np.ndarray], maps: Sequence[np.ndarray], scale: float,
     if captions and len(captions) != len(images):
         raise ValueError(f"{len(captions)} captions for {len(images)} images; give one per image or none")
     masks = list(masks) if masks is not None else [None] * len(images)
-    rows = [(Image.fromarray(np.asarray(image)), overlay(image, amap, scale, mask))
-            for image, amap, mask in zip(images, maps, masks)]
+    scales = [float(scale)] * len(images) if np.ndim(scale) == 0 else list(scale)
+    if len(scales) != len(images):
+        raise ValueError(f"{len(scales)} scales for {len(images)} images; give one scale, or one per image")
+    rows = [(Image.fromarray(np.asarray(image)), overlay(image, amap, row_scale, mask))
+            for image, amap, row_scale, mask in zip(images, maps, scales, masks)]
     tile_w, tile_h = rows[0][0].size
     band = 12 if captions else 0
     picture = Image.new("RGB", (2 * (tile_w + pad) + pad, len(rows) * (tile_h + pad + band) + pad), "white")

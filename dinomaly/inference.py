@@ -116,6 +116,13 @@ class Predictor:
             eval_config = loaded.config.eval if isinstance(loaded.config, Config) else EvalConfig()
         return cls(loaded.model, eval_config, device=device)
 
+    def predict_pixels(self, pixels: np.ndarray) -> PredictResult:
+        """uint8 [B, crop, crop, 3] resized + cropped RGB -> `predict(normalize(pixels))`; what the exported
+        model's `OnnxPredictor.predict_pixels` takes too, so callers need not know which one they hold."""
+        from dinomaly.data.transforms import normalize
+
+        return self.predict(normalize(pixels))
+
     @torch.inference_mode()
     def predict(self, images: torch.Tensor, return_raw: bool = False) -> PredictResult:
         """images: [B, 3, H, W] normalised float. Returns scores [B] and final maps [B, resize, resize]."""

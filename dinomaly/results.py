@@ -1,9 +1,11 @@
-"""metrics.json: one layout for every job that measures a model (training, evaluation).
+"""metrics.json: one layout for every job that measures a model (training, a Tune trial, evaluation).
 
-    {"job": "train" | "evaluate",
+    {"schema_version": 1, "job": "train" | "tune" | "evaluate",
      "classes": {class: {seven metrics}}, "mean": {seven metrics}, "thresholds": {...} or null,
-     ...job-specific fields (train: run, step, checkpoint_uri, mlflow_run_id, ...; evaluate: model, data, ...)}
+     ...job-specific fields (train: run, step, describes, checkpoint_uri, ...; tune: sweep, trial_id,
+     objective, status, steps_trained, ...; evaluate: model, data, ...)}
 
+metrics.schema.json beside this module is the contract (validate_metrics checks a record against it).
 NaN and inf are written as null, so the file is strict JSON.
 """
 
@@ -14,10 +16,14 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+SCHEMA_VERSION = 1
+SCHEMA_FILE = Path(__file__).with_name("metrics.schema.json")
 
 
 @dataclass(frozen=True)
@@ -38,7 +44,7 @@ class MetricsRecord:
         return cls(job=job, classes=by_class, mean=mean, thresholds=thresholds, details=details)
 
     def to_dict(self) -> dict[str, Any]:
-        return json_safe({"job": self.job, "classes": self.classes, "mean": self.mean,
+        return json_safe({"schema_version": SCHEMA_VERSION, "job": self.job, "classes": self.classes, "mean": self.mean,
                           "thresholds": self.thresholds, **self.details})
 
 
@@ -47,6 +53,23 @@ def write_metrics_json(path: str | Path, record: MetricsRecord) -> dict[str, Any
     content = record.to_dict()
     replace_atomically(Path(path), lambda target: target.write_text(json.dumps(content, indent=1) + "\n"))
     return content
+
+
+@cache
+def metrics_schema() -> dict[str, Any]:
+    """The JSON Schema of metrics.json."""
+    return json.loads(SCHEMA_FILE.read_text())
+
+
+def validate_metrics(content: dict[str, Any]) -> None:
+    """ValueError naming the first place where `content` breaks the metrics.json schema."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(metrics_schema())
+    error = jsonschema.exceptions.best_match(validator.iter_errors(content))
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
+        raise ValueError(f"metrics.json does not match schema version {SCHEMA_VERSION} at {where}: {error.message}")
 
 
 def replace_atomically(path: Path, write: Callable[[Path], Any]) -> None:

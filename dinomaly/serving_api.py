@@ -11,24 +11,27 @@ from __future__ import annotations
 import base64
 import hmac
 import io
+import json
 import logging
 import math
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from dinomaly.calibration import METADATA_KEY, ClassThreshold, ThresholdTable
 from dinomaly.config import Config, DinomalyConfig, ServeConfig, to_dict
 from dinomaly.data.transforms import (
     CorruptImageError,
     ImageTooLargeError,
     decode_image,
-    normalize,
     resize_crop_image,
 )
 from dinomaly.heatmap import colour_scale, png_bytes
@@ -140,6 +143,100 @@ def resolve_threshold(override: float | None, method: str, metadata: Mapping[str
                      "--set serve.threshold=0.05)")
 
 
+def _calibration(metadata: Mapping[str, Any], tags: Mapping[str, str]) -> tuple[dict[str, Any] | None, str]:
+    """The per-class table as a dict and where it was found: registry tag first, then checkpoint metadata."""
+    for where, value in ((f"registry tag {METADATA_KEY}", tags.get(METADATA_KEY)),
+                         (f"metadata {METADATA_KEY}", metadata.get(METADATA_KEY))):
+        if value is None:
+            continue
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where} is not JSON ({err}); recalibrate the model or set serve.threshold") from err
+        return value, where
+    return None, ""
+
+
+def resolve_thresholds(override: float | None, method: str, metadata: Mapping[str, Any],
+                       tags: Mapping[str, str] | None = None) -> ThresholdTable:
+    """The thresholds a model is served with: its per-class table (registry tag, then checkpoint metadata)
+    when it carries one, else today's single threshold (`resolve_threshold`) as the global one; serve.threshold
+    replaces the global threshold only. Each entry's `source` says where it came from."""
+    tags = tags or {}
+    data, where = _calibration(metadata, tags)
+    try:
+        if data is None:
+            value, source = resolve_threshold(override, method, metadata, tags)
+            return ThresholdTable(ClassThreshold(value, source))
+        table = ThresholdTable.from_dict(data)
+        if override is not None:
+            table = replace(table, global_threshold=ClassThreshold(float(override), "serve.threshold"))
+        return table
+    except ValueError as err:
+        raise ValueError(f"{where or 'the model threshold'}: {err}; recalibrate the model or set serve.threshold "
+                         "(> 0)") from err
+
+
+def _positive(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise RequestError(422, f"{where}={value!r} must be a finite number > 0")
+    return float(value)
+
+
+def check_threshold_update(update: Any, table: ThresholdTable) -> dict[str, Any]:
+    """A threshold change {"global": t, "classes": {name: t}} (both optional), checked against `table`;
+    returns it normalised to floats, or raises RequestError(422) naming the bad part."""
+    if not isinstance(update, Mapping) or not update or set(update) - {"global", "classes"}:
+        raise RequestError(422, f"thresholds must be an object with 'global' and/or 'classes', got {update!r}; "
+                                'e.g. {"global": 0.3, "classes": {"bottle": 0.25}}')
+    out: dict[str, Any] = {}
+    if "global" in update:
+        out["global"] = _positive(update["global"], "global")
+    classes = update.get("classes", {})
+    if not isinstance(classes, Mapping):
+        raise RequestError(422, f"classes={classes!r} must be an object {{class: threshold}}")
+    unknown = sorted(set(classes) - set(table.classes))
+    if unknown:
+        raise RequestError(422, f"unknown classes {unknown}; this model knows {sorted(table.classes) or 'none'}")
+    if classes:
+        out["classes"] = {name: _positive(value, f"classes.{name}") for name, value in classes.items()}
+    return out
+
+
+def merge_threshold_updates(current: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Two checked updates as one (the later wins per entry)."""
+    merged: dict[str, Any] = {k: v for k, v in current.items() if k == "global"}
+    if "global" in update:
+        merged["global"] = update["global"]
+    classes = {**current.get("classes", {}), **update.get("classes", {})}
+    return {**merged, "classes": classes} if classes else merged
+
+
+def apply_threshold_update(table: ThresholdTable, update: Mapping[str, Any]) -> ThresholdTable:
+    """`table` with the entries of a checked update replaced (source 'manual')."""
+    global_threshold = table.global_threshold
+    if "global" in update:
+        global_threshold = ClassThreshold(update["global"], "manual")
+    classes = {**table.classes, **{k: ClassThreshold(v, "manual") for k, v in update.get("classes", {}).items()}}
+    return ThresholdTable(global_threshold, classes)
+
+
+def decide(table: ThresholdTable, score: float, class_name: str | None) -> dict[str, Any]:
+    """The readable verdict of one score: class used, its threshold and source, verdict, normalised score."""
+    used, entry = table.for_class(class_name)
+    return {"score": score, "class": used, "threshold": entry.threshold, "threshold_source": entry.source,
+            "is_anomalous": bool(score >= entry.threshold),  # as the F1 search: positive = score >= t
+            "normalised_score": score / entry.threshold}
+
+
+def class_thresholds(table: ThresholdTable, classes: Sequence[str | None]) -> tuple[list[str], np.ndarray]:
+    """Bulk rows: (class used, threshold) per row. A class the table knows uses its own threshold; any other
+    (none given, or a model without that class) uses the global one and says 'global'."""
+    used = [c if c is not None and c in table.classes else "global" for c in classes]
+    return used, np.array([table.for_class(None if c == "global" else c)[1].threshold for c in used], np.float64)
+
+
 # --------------------------------------------------------------------------- auth
 
 
@@ -182,22 +279,30 @@ def check_bearer(authorization: str | None, token: str | None) -> None:
 
 @dataclass
 class ModelInfo:
-    """What `GET /v1/model` shows and every prediction names."""
+    """What `GET /v1/model` shows and every prediction names; `thresholds` are the model's own (as loaded)."""
 
     name: str
     version: str
     source: str  # where the weights came from: a directory, s3:// URI or models:/ URI
-    threshold: float
-    threshold_source: str
+    thresholds: ThresholdTable
     config: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def threshold(self) -> float:
+        return self.thresholds.global_threshold.threshold
+
+    @property
+    def threshold_source(self) -> str:
+        return self.thresholds.global_threshold.source
+
 
 class ScoringService:
-    """A loaded model plus its threshold and limits: bytes in, prediction dicts out.
+    """A loaded model plus its thresholds and limits: bytes in, prediction dicts out.
 
     `score` is the one batched call (a list of model inputs -> one forward); HTTP and batching live in
-    dinomaly.distributed.serve.app.
+    dinomaly.distributed.serve.app. `thresholds` (those in force) is replaced whole by `set_threshold_update`,
+    so a request in flight sees either the old or the new table, never a mix; the weights are untouched.
     """
 
     def __init__(self, predictor: Predictor, model_config: DinomalyConfig, serve_config: ServeConfig,
@@ -207,30 +312,54 @@ class ScoringService:
         self.serve_config = serve_config
         self.info = info
         self.token = token
+        self.thresholds = info.thresholds
+        self.threshold_update: dict[str, Any] = {}  # what run-time changes replaced, over info.thresholds
+        self.loaded_at = time.time()  # unchanged by threshold changes: the weights stay loaded
 
     @classmethod
     def from_checkpoint(cls, directory: str | Path, serve_config: ServeConfig, *, name: str = "",
                         version: str = "", source: str = "", tags: Mapping[str, str] | None = None,
                         metrics: Mapping[str, Any] | None = None) -> ScoringService:
-        """Load a `dinomaly.checkpoint.save` directory; the threshold comes from `resolve_threshold`."""
+        """Load a `dinomaly.checkpoint.save` directory, or an exported model.onnx / model.xml (scored by its
+        runtime, no torch); the thresholds come from `resolve_thresholds`."""
         from dinomaly.checkpoint import load  # keeps `import dinomaly.serving_api` light
+        from dinomaly.export.predictor import OnnxPredictor, is_exported
 
         device = "cuda" if serve_config.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        loaded = load(directory, device=device)
+        if is_exported(directory):
+            predictor = OnnxPredictor(directory, threads=max(1, math.ceil(serve_config.num_cpus)))
+            loaded = SimpleNamespace(config=predictor.config, metadata=predictor.metadata)
+        else:
+            loaded = load(directory, device=device)
         config = loaded.config
         model_config = config.model if isinstance(config, Config) else config
         eval_config = config.eval if isinstance(config, Config) else Config().eval
-        threshold, threshold_source = resolve_threshold(serve_config.threshold, serve_config.threshold_method,
-                                                         loaded.metadata, tags)
+        thresholds = resolve_thresholds(serve_config.threshold, serve_config.threshold_method, loaded.metadata, tags)
         info = ModelInfo(
             name=name or (config.name if isinstance(config, Config) else Path(directory).name),
             version=version or str(loaded.metadata.get("version", loaded.metadata.get("step", "local"))),
-            source=source or str(directory), threshold=threshold, threshold_source=threshold_source,
+            source=source or str(directory), thresholds=thresholds,
             config=to_dict(config), metrics=dict(metrics or loaded.metadata.get("metrics", {})))
         token = read_auth_token(serve_config)
-        service = cls(Predictor(loaded.model, eval_config, device=device), model_config, serve_config, info, token)
+        if not is_exported(directory):
+            predictor = Predictor(loaded.model, eval_config, device=device)
+        service = cls(predictor, model_config, serve_config, info, token)
         service.score([np.zeros((model_config.crop_size, model_config.crop_size, 3), np.uint8)])  # warm-up
         return service
+
+    def set_threshold_update(self, update: Any) -> None:
+        """Put the model's own thresholds with `update` ({"global", "classes"}; {} = none) in force.
+        RequestError(422) for a bad update, which then changes nothing."""
+        checked = check_threshold_update(update, self.info.thresholds) if update else {}
+        self.thresholds = apply_threshold_update(self.info.thresholds, checked)
+        self.threshold_update = checked
+
+    def check_class(self, class_name: str | None) -> None:
+        """RequestError(400) naming the known classes unless `class_name` is None or known."""
+        try:
+            self.thresholds.for_class(class_name)
+        except ValueError as err:
+            raise RequestError(400, f"{err}; leave out ?class= to use the global threshold") from err
 
     def prepare(self, data: bytes, name: str = "image") -> np.ndarray:
         """Request bytes -> uint8 model input [crop, crop, 3], or RequestError."""
@@ -238,18 +367,19 @@ class ScoringService:
 
     def score(self, inputs: list[np.ndarray]) -> list[tuple[float, np.ndarray]]:
         """One forward over a batch of model inputs -> (image score, final map [resize, resize]) each."""
-        result = self.predictor.predict(normalize(np.stack(inputs)))
+        result = self.predictor.predict_pixels(np.stack(inputs))
         return [(float(s), m) for s, m in zip(result.scores, result.maps)]
 
-    def prediction(self, score: float, anomaly_map: np.ndarray, with_heatmap: bool) -> dict[str, Any]:
+    def prediction(self, score: float, anomaly_map: np.ndarray, with_heatmap: bool,
+                   class_name: str | None = None) -> dict[str, Any]:
         """The JSON body of one prediction (without elapsed_ms, which the HTTP layer adds)."""
-        out: dict[str, Any] = {
-            "score": score,
-            "is_anomalous": bool(score >= self.info.threshold),  # as the F1 search: positive = score >= t
-            "threshold": self.info.threshold,
-            "model": {"name": self.info.name, "version": self.info.version},
-        }
-        if with_heatmap:
-            png = png_bytes(anomaly_map, colour_scale(self.info.threshold))  # fixed scale: 2 x threshold
+        out = decide(self.thresholds, score, class_name)
+        out["model"] = {"name": self.info.name, "version": self.info.version}
+        if with_heatmap:  # fixed scale tied to the class threshold: 1.0 normalised = mid-ramp
+            png = png_bytes(anomaly_map, colour_scale(out["threshold"]))
             out["heatmap_png_base64"] = base64.b64encode(png).decode()
         return out
+
+    def thresholds_view(self) -> dict[str, Any]:
+        """The thresholds in force, each with where it came from, for GET /v1/model."""
+        return {**self.thresholds.to_dict(), "changed_at_run_time": self.threshold_update}

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
@@ -17,21 +16,36 @@ import time
 from pathlib import Path
 
 import dinomaly.distributed  # noqa: F401 - sets Ray's loopback environment before Ray is imported
+from dinomaly.config.cli import entry_parser, start_logging
+
+
+def build_parser():
+    parser = entry_parser(__doc__, flags=("data", "workers"), defaults={"data": "demo_data", "workers": 2},
+                          keys=False, help={"data": "folder where the demo images and manifest are generated "
+                                                    "(default demo_data)",
+                                            "workers": "Ray Train workers = DDP ranks (default 2)"})
+    parser.add_argument("--steps", type=int, help="optimiser steps (default: configs/demo.yaml)")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="demo_data", help="where the demo images are generated (default demo_data)")
-    parser.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
-    parser.add_argument("--steps", type=int, help="optimiser steps (default: configs/demo.yaml)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    start_logging(logging.WARNING)
+    from dinomaly.distributed.entry import run_job
+
+    return run_job(lambda: args, demo, debug=args.debug)
+
+
+def demo(args) -> int:
     started = time.monotonic()
     from dinomaly.config import load_config
     from dinomaly.data.demo import generate_demo_dataset
     from dinomaly.data.manifest import build_manifest, format_counts, records_from_config, write_manifest
+    from dinomaly.distributed.cluster import check_job_storage
     from dinomaly.distributed.train import run as launch
+    from dinomaly.distributed.train.progress import data_wait, data_wait_line
 
+    check_job_storage({"--data": args.data, "runs/": "runs"}, "")
     root = generate_demo_dataset(args.data)
     overrides = {"data.root": str(root), "data.layout": "mvtec", "train.num_workers": args.workers}
     if args.steps:
@@ -44,19 +58,18 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(config.output_root) / config.name
     if output.exists():  # each demo starts afresh; runs/demo is the demo's own folder
         shutil.rmtree(output)
-    try:
-        launch.check_before_start(config)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    launch.check_before_start(config)
     result = launch.run(config, output=output)
     python = os.path.relpath(sys.executable)  # .venv/bin/python under `make demo`
     bin_dir = Path(python).parent
-    print(f"\ndemo finished in {time.monotonic() - started:.0f} s. Next:\n"
+    print(f"\nNext:\n"
           f"  {bin_dir / 'mlflow'} ui --backend-store-uri {result.config.tracking.tracking_uri}    # runs, heatmaps, "
           "registry\n"
           f"  {python} pipelines/serve.py --model {output / 'checkpoint'}    # HTTP scoring service\n"
           f"  {python} pipelines/evaluate.py --model {output / 'checkpoint'} --data {manifest_uri} --heatmaps 2")
+    waited = data_wait(result.log)
+    print(f"\ndemo finished in {time.monotonic() - started:.0f} s; "
+          + (data_wait_line(waited) if waited else "no training step ran"))
     return 0
 
 

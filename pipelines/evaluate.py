@@ -27,28 +27,40 @@ import argparse
 import sys
 
 import dinomaly.distributed  # noqa: F401 - sets Ray's loopback environment before Ray is imported
-from dinomaly.config.cli import entry_parser, start_logging
+from dinomaly.config.cli import ACTOR_HELP, actor_settings, entry_parser, start_logging
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = entry_parser(__doc__, config_help="YAML preset or path (required for official .pth weights)",
-                          set_example="--set eval.actors=2 --set eval.pixel_metrics=streaming", model=True)
-    parser.add_argument("--data", required=True, help="manifest (.parquet) or dataset root (folder or s3:// prefix)")
-    parser.add_argument("--output", default=None, help="output folder (default: runs/evaluate-<model name>)")
+def build_parser() -> argparse.ArgumentParser:
+    parser = entry_parser(__doc__, flags=("config", "data", "output", "set", "model", "workers", "gpu"),
+                          required=("model", "data"),
+                          set_example="--set eval.actors=2 --set eval.pixel_metrics=streaming",
+                          help={"config": "YAML preset name or path (required for official .pth weights)",
+                                "data": "the test images: a .parquet manifest, a dataset layout root (folder) or "
+                                        "an s3:// prefix",
+                                "output": "folder that receives metrics.json, per_class.*, scores.parquet and "
+                                          "heatmaps/ (default runs/evaluate-<model name>)",
+                                **ACTOR_HELP})
     parser.add_argument("--heatmaps", type=int, default=0, metavar="N",
                         help="overlays of the N highest-scored normal and defective images per class")
     parser.add_argument("--mlflow", action="store_true", help="log metrics and outputs to MLflow (tracking.*)")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     start_logging()
     from dinomaly.distributed.batch import evaluate
+    from dinomaly.distributed.cluster import check_job_storage
     from dinomaly.distributed.entry import run_job
 
-    return run_job(lambda: evaluate.prepare(args.model, args.data, args.config, args.set),
-                   lambda checked: evaluate.run(*checked, args.output, heatmaps=args.heatmaps, mlflow=args.mlflow))
+    def check():
+        bundle, table = evaluate.prepare(args.model, args.data, args.config, actor_settings(args))
+        check_job_storage({"--output": args.output or f"runs/evaluate-{bundle.name or 'model'}"},
+                          bundle.config.tracking.tracking_uri if args.mlflow else None)
+        return bundle, table
+
+    return run_job(check, lambda checked: evaluate.run(*checked, args.output, heatmaps=args.heatmaps,
+                                                       mlflow=args.mlflow), debug=args.debug)
 
 
 if __name__ == "__main__":

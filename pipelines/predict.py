@@ -1,8 +1,8 @@
 """Score a folder, bucket prefix or manifest of unlabelled images into Parquet, with Ray Data; resumable.
 
-    python pipelines/predict.py --model runs/demo/checkpoint --input incoming/ --output scored/
-    python pipelines/predict.py --model models:/dinomaly@champion --heatmaps
-        --input s3://bucket/new --output s3://bucket/scored
+    python pipelines/predict.py --model runs/demo/checkpoint --data incoming/ --output scored/
+    python pipelines/predict.py --model models:/dinomaly@champion --heatmaps \\
+        --data s3://bucket/new --output s3://bucket/scored
 
 Results: <output>/results/*.parquet (pandas.read_parquet('<output>/results')), <output>/summary.json;
 every file appears whole, so the output can be read even while a run writes it or after it was killed.
@@ -21,32 +21,41 @@ import argparse
 import sys
 
 import dinomaly.distributed  # noqa: F401 - sets Ray's loopback environment before Ray is imported
-from dinomaly.config.cli import entry_parser, start_logging
+from dinomaly.config.cli import ACTOR_HELP, actor_settings, entry_parser, start_logging
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = entry_parser(__doc__, config_help="YAML preset or path (required for official .pth weights)",
-                          set_example="--set eval.actors=2 --set eval.gpus_per_actor=1", model=True)
-    parser.add_argument("--input", required=True, help="image folder, s3:// prefix, or a .parquet manifest")
-    parser.add_argument("--output", required=True, help="result folder or s3:// prefix")
-    parser.add_argument("--threshold", type=float, default=None, help="image-score threshold of the verdict")
-    parser.add_argument("--heatmaps", action="store_true", help="write an overlay PNG per image")
-    parser.add_argument("--overwrite", action="store_true", help="delete an existing output instead of resuming")
-    parser.add_argument("--rows-per-file", type=int, default=2000, metavar="N",
-                        help="rows per Parquet part (default 2000); a killed run loses at most the unwritten ones")
-    return parser.parse_args(argv)
+def build_parser() -> argparse.ArgumentParser:
+    parser = entry_parser(__doc__, flags=("config", "data", "output", "set", "model", "workers", "gpu"),
+                          required=("model", "data", "output"), deprecated={"--input": "data"},
+                          set_example="--set eval.actors=2 --set eval.gpus_per_actor=1",
+                          help={"config": "YAML preset name or path (required for official .pth weights)",
+                                "data": "the images to score: a folder, an s3:// prefix or a .parquet manifest",
+                                "output": "result folder or s3:// prefix: results/*.parquet, summary.json, "
+                                          "heatmaps/; an existing one is resumed",
+                                **ACTOR_HELP})
+    add = parser.add_argument
+    add("--threshold", type=float, default=None, help="image-score threshold of the verdict")
+    add("--heatmaps", action="store_true", help="write an overlay PNG per image")
+    add("--overwrite", action="store_true", help="delete an existing output instead of resuming")
+    add("--rows-per-file", type=int, default=2000, metavar="N",
+        help="rows per Parquet part (default 2000); a killed run loses at most the unwritten ones")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     start_logging()
     from dinomaly.distributed.batch import predict
+    from dinomaly.distributed.cluster import check_job_storage
     from dinomaly.distributed.entry import run_job
 
-    return run_job(lambda: predict.prepare(args.model, args.input, args.config, args.set, args.threshold,
-                                           args.rows_per_file),
-                   lambda job: predict.run(job, args.output, heatmaps=args.heatmaps, overwrite=args.overwrite,
-                                           rows_per_file=args.rows_per_file))
+    def check():
+        check_job_storage({"--output": args.output})
+        return predict.prepare(args.model, args.data, args.config, actor_settings(args), args.threshold,
+                               args.rows_per_file)
+
+    return run_job(check, lambda job: predict.run(job, args.output, heatmaps=args.heatmaps, overwrite=args.overwrite,
+                                                  rows_per_file=args.rows_per_file), debug=args.debug)
 
 
 if __name__ == "__main__":

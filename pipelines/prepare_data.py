@@ -1,8 +1,10 @@
 """Build a Parquet manifest (one row per image) from a dataset folder or bucket and print its counts.
 
-    python pipelines/prepare_data.py --root /data/mvtec --out manifests/mvtec.parquet
-    python pipelines/prepare_data.py --layout realiad --root s3://bucket/Real-IAD --out s3://bucket/realiad.parquet
-    python pipelines/prepare_data.py --root ./mvtec --upload-to s3://bucket/mvtec --out s3://bucket/mvtec.parquet
+    python pipelines/prepare_data.py --data /data/mvtec --output manifests/mvtec.parquet
+    python pipelines/prepare_data.py --layout realiad --data s3://bucket/Real-IAD --output s3://bucket/realiad.parquet
+    python pipelines/prepare_data.py --data ./mvtec --upload-to s3://bucket/mvtec --output s3://bucket/mvtec.parquet
+    python pipelines/prepare_data.py --data s3://bucket/realiad.parquet --pack --output s3://bucket/realiad-packed
+    python pipelines/prepare_data.py --data /data/mvtec --verify
 """
 
 from __future__ import annotations
@@ -13,39 +15,83 @@ import sys
 from dinomaly.config import apply_overrides, load_config
 from dinomaly.config.cli import entry_parser, start_logging
 from dinomaly.data.layouts import LAYOUTS
-from dinomaly.data.manifest import build_manifest, format_counts, records_from_config, write_manifest
+from dinomaly.data.manifest import format_counts, load_manifest, read_manifest, write_manifest
+from dinomaly.data.pack import DEFAULT_SHARD_BYTES, pack_manifest, packed_layout, verify_manifest
 from dinomaly.data.storage import upload_tree
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = entry_parser(__doc__, config_help="YAML preset or path whose data section is the base",
-                          set_example="--set data.realiad_json_variant=realiad_jsons_sv", keys=False)
+def build_parser() -> argparse.ArgumentParser:
+    parser = entry_parser(__doc__, flags=("config", "data", "output", "set"), required=("data",),
+                          deprecated={"--root": "data", "--out": "output"}, keys=False,
+                          set_example="--set data.realiad_json_variant=realiad_jsons_sv",
+                          help={"config": "YAML preset name or path whose data section is the base",
+                                "data": "the data set to index: a dataset layout root (folder or s3:// prefix), "
+                                        "or a manifest (.parquet) to --pack or --verify",
+                                "output": "the manifest to write (.parquet, local path or s3:// URI); with --pack "
+                                          "a folder/prefix or .parquet, shards beside it"})
     parser.epilog = ("Layouts: mvtec/mpdd/visa = <cls>/train/good, test/<defect>, ground_truth/<defect>; visa_raw = "
                      "<cls>/Data/Images + split_csv/1cls.csv; realiad = realiad_1024/ + realiad_jsons/<variant>/; "
                      "folder = <cls>/good, [<cls>/defect/<type>], [<cls>/masks/<type>]. Other data.* keys "
                      "(realiad_json_variant, visa_split_csv, folder_test_fraction) go through --set.")
-    parser.add_argument("--root", required=True, help="dataset folder or s3://bucket/prefix")
-    parser.add_argument("--out", required=True, help="manifest to write (.parquet, local path or s3:// URI)")
     parser.add_argument("--layout", default="auto", choices=["auto", *LAYOUTS], help="dataset layout (default: auto)")
     parser.add_argument("--categories", default="", help="comma-separated classes to keep (default: all)")
     parser.add_argument("--upload-to", default="", metavar="URI",
-                        help="first copy the local --root to this bucket prefix, then index the copy")
-    return parser.parse_args(argv)
+                        help="first copy the local --data to this bucket prefix, then index the copy")
+    parser.add_argument("--pack", action="store_true",
+                        help="write the images (original bytes) and masks into Parquet shards with the manifest "
+                             "columns, verifying each one (bad rows are listed and left out; data.strict=true "
+                             "fails on the first); rerun to continue an interrupted pack")
+    parser.add_argument("--shard-mb", type=int, default=DEFAULT_SHARD_BYTES // 2**20,
+                        help="shard size in MB for --pack (default: %(default)s)")
+    parser.add_argument("--verify", action="store_true",
+                        help="only check that every image decodes and every mask has its image's size; "
+                             "exit 2 listing the bad rows")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start_logging()
-    categories = [c.strip() for c in args.categories.split(",") if c.strip()]
-    config = apply_overrides(load_config(args.config, args.set), {
-        "data.root": args.upload_to or args.root, "data.layout": args.layout, "data.categories": categories})
-    if args.upload_to:
-        upload_tree(args.root, args.upload_to, config.data)
-    table = build_manifest(records_from_config(config.data))
-    uri = write_manifest(table, args.out, data_config=config.data)
-    print(format_counts(table))
-    print(f"manifest of {table.num_rows} images written to {uri}")
-    return 0
+    from dinomaly.distributed.cluster import check_job_storage
+    from dinomaly.distributed.entry import run_job
+
+    def check():
+        if not args.output and not args.verify:
+            raise ValueError("--output is required (except with --verify)")
+        if args.output:
+            check_job_storage({"--output": args.output})
+        categories = [c.strip() for c in args.categories.split(",") if c.strip()]
+        return apply_overrides(load_config(args.config, args.set), {
+            "data.root": args.upload_to or args.data, "data.layout": args.layout, "data.categories": categories})
+
+    def run(config) -> int:  # a bad layout or a missing mask: one line, exit 2 (run_job)
+        if args.upload_to:
+            upload_tree(args.data, args.upload_to, config.data)
+        table = load_manifest(config.data)
+        if args.verify:
+            bad = verify_manifest(table, config.data, strict=config.data.strict)
+            for image, reason in bad:
+                print(f"bad: {image}: {reason}")
+            print(f"verified {table.num_rows} images: {len(bad)} bad")
+            return 2 if bad else 0
+        if args.pack:
+            uri = pack_manifest(table, args.output, args.shard_mb * 2**20, config.data, strict=config.data.strict)
+            table = read_manifest(uri, data_config=config.data)
+            layout = packed_layout(table)
+            for image, reason in layout["bad_files"]:
+                print(f"bad (not packed): {image}: {reason}")
+            print(f"{len(layout['shards'])} shards, {layout['bad_count']} bad images left out")
+        else:
+            uri = write_manifest(table, args.output, data_config=config.data)
+        print(format_counts(table))
+        print(f"manifest of {table.num_rows} images written to {uri}")
+        return 0
+
+    return run_job(check, run, debug=args.debug)
 
 
 if __name__ == "__main__":

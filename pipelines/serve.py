@@ -23,14 +23,17 @@ from dinomaly.distributed.entry import run_job
 from dinomaly.distributed.serve import app as serving
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = entry_parser(__doc__, config_help="YAML preset or path (serve, tracking and data sections)",
-                          set_example="--set serve.threshold=0.05")
-    parser.add_argument("--model", required=True, help="checkpoint directory, s3:// prefix, models:/<name>/<version> "
-                                                       "or models:/<name>@<alias>")
+def build_parser() -> argparse.ArgumentParser:
+    parser = entry_parser(__doc__, flags=("config", "set", "model", "workers", "gpu"), required=("model",),
+                          set_example="--set serve.threshold=0.05",
+                          help={"config": "YAML preset name or path (serve, tracking and data sections)",
+                                "model": "the model to serve: a checkpoint folder, an s3:// prefix, "
+                                         "models:/<name>/<version> or models:/<name>@<alias>",
+                                "workers": "model replicas (serve.num_replicas)",
+                                "gpu": "one GPU per replica (serve.num_gpus=1)"})
     parser.add_argument("--host", default=None, help="bind address (serve.host; default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="HTTP port (serve.port; default 8000)")
-    return parser.parse_args(argv)
+    return parser
 
 
 def app(args: dict[str, Any]):
@@ -46,16 +49,18 @@ def app(args: dict[str, Any]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     start_logging()
-    overrides = {f"serve.{k}": v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    flags = (("host", args.host), ("port", args.port), ("num_replicas", args.workers),
+             ("num_gpus", 1.0 if args.gpu else None))
+    overrides = {f"serve.{key}": value for key, value in flags if value is not None}
 
     def check() -> tuple[Config, serving.ModelInfo]:
         config = apply_overrides(load_config(args.config, args.set), overrides)
         return config, serving.check_model(args.model, config)  # a bad model or token set-up fails before Ray
 
     return run_job(check, lambda checked: serving.serve_until_stopped(args.model, *checked),
-                   prefix=f"cannot serve {args.model}: ")
+                   prefix=f"cannot serve {args.model}: ", debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,16 @@
 
     python pipelines/train.py --config demo --data demo_data --workers 2
     python pipelines/train.py --config mvtec_uni --data s3://bucket/mvtec.parquet --workers 4 --gpu
-    ray job submit --working-dir . -- python pipelines/train.py --config mvtec_uni --data s3://bucket/mvtec
+    python pipelines/train.py --config demo --data demo_data --output runs/try2      # a new folder: a new run
+    ray job submit --working-dir . -- python pipelines/train.py --config mvtec_uni --data s3://bucket/mvtec \\
+        --output /abs/runs/mvtec        # plus MLFLOW_TRACKING_URI: a job's working folder is temporary
     python pipelines/train.py --config mvtec_uni --data /data/mvtec --init-from dinomaly_vitb_uni.pth --steps 2000
 
 Plain `python` starts a local Ray; under `ray job submit` (RAY_ADDRESS set) it joins that cluster.
 When the workers' CPUs/GPUs are taken, it waits at most cluster.start_timeout_s (default 600 s; 0 = forever),
 then exits with status 1 and names what holds them.
-Outputs: --output DIR (default runs/<name>/) gets checkpoint/, config.yaml and metrics.json.
+Outputs: --output DIR (default runs/<name>/) gets checkpoint/, config.yaml, metrics.json and, unless
+--storage-path names another place, Ray's run folder DIR/<name> (checkpoints, state).
 """
 
 from __future__ import annotations
@@ -18,23 +21,26 @@ import sys
 from pathlib import Path
 
 import dinomaly.distributed  # noqa: F401 - sets Ray's loopback environment before Ray is imported
-from dinomaly.config import Config, apply_overrides, load_config
-from dinomaly.config.cli import entry_parser, start_logging
+from dinomaly.config import Config, apply_overrides
+from dinomaly.config.cli import entry_parser, start_logging, training_config
 
-FLAG_KEYS = {  # convenience flag -> config key (anything else: --set key=value)
-    "data": "data.root", "categories": "data.categories", "setting": "train.setting", "encoder": "model.encoder",
-    "encoder_weights": "model.encoder_weights", "steps": "train.total_steps", "batch_size": "train.batch_size",
-    "workers": "train.num_workers", "gpu": "train.use_gpu", "storage_path": "output_root",
-    "experiment": "tracking.experiment_name", "deterministic": "train.deterministic", "name": "name",
+FLAG_KEYS = {  # train's own flags -> config keys (the shared ones: cli.TRAINING_KEYS; anything else: --set)
+    "setting": "train.setting", "encoder": "model.encoder", "encoder_weights": "model.encoder_weights",
+    "steps": "train.total_steps", "batch_size": "train.batch_size", "experiment": "tracking.experiment_name",
+    "deterministic": "train.deterministic",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = entry_parser(__doc__, config_default="demo", set_example="--set train.lr=1e-3 --set "
-                          "model.bottleneck_dropout=0.4 (keys listed below)",
-                          config_help="YAML preset name in configs/ (demo, mvtec_uni, ...) or a path (default demo)")
+    parser = entry_parser(__doc__, flags=("config", "data", "name", "output", "set", "storage_path", "resume",
+                                          "workers", "gpu"), defaults={"config": "demo"},
+                          set_example="--set train.lr=1e-3 --set model.bottleneck_dropout=0.4",
+                          help={"workers": "Ray Train workers = DDP ranks (train.num_workers)",
+                                "gpu": "one GPU per worker, NCCL, bf16 autocast (train.use_gpu; train.precision=bf16 "
+                                       "unless --set train.precision=fp32)",
+                                "resume": "continue the run of this name (in --output / --storage-path) from its "
+                                          "latest checkpoint (optimiser, schedule, step and RNG restored)"})
     add = parser.add_argument
-    add("--data", help="dataset root (folder or s3://bucket/prefix) or a .parquet manifest (data.root)")
     add("--categories", help="comma-separated classes to train on (data.categories; default all)")
     add("--setting", choices=["unified", "separate"], help="one model for all classes, or one per class trained "
         "as parallel Ray Train runs (train.setting)")
@@ -42,44 +48,38 @@ def build_parser() -> argparse.ArgumentParser:
     add("--encoder-weights", help="'hub', 'none' or a DINOv2 weight file (model.encoder_weights)")
     add("--steps", type=int, help="optimiser steps in the run (train.total_steps)")
     add("--batch-size", type=int, help="global batch, split evenly over the workers (train.batch_size)")
-    add("--workers", type=int, help="Ray Train workers = DDP ranks (train.num_workers)")
-    add("--gpu", action="store_const", const=True, help="one GPU per worker, NCCL, bf16 autocast (train.use_gpu; "
-        "train.precision=bf16 unless --set train.precision=fp32)")
-    add("--storage-path", help="folder or s3:// prefix for Ray checkpoints (output_root); the run lives in <it>/<name>")
     add("--experiment", help="MLflow experiment name (tracking.experiment_name)")
-    add("--name", help="run name: Ray run, MLflow run and output folder (name)")
     add("--deterministic", action="store_const", const=True, help="manifest order, no shuffle, dropout 0, fixed "
         "seeds: the same result on any worker count (train.deterministic)")
-    add("--output", type=Path, help="where checkpoint/, config.yaml and metrics.json go (default runs/<name>/)")
-    add("--resume", action="store_true", help="continue the run of this name from its latest checkpoint "
-        "(optimiser, schedule, step and RNG restored)")
     add("--init-from", default="", metavar="PATH", help="start from these weights with a fresh optimiser and "
         "schedule (fine-tuning): an official Dinomaly ViTill .pth or a checkpoint directory of ours")
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    config = load_config(args.config, args.set)
-    overrides = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None}
-    if args.gpu and not any(o.split("=", 1)[0].strip() == "train.precision" for o in args.set):
-        overrides["train.precision"] = "bf16"
-    if "data.categories" in overrides:
-        overrides["data.categories"] = [c.strip() for c in overrides["data.categories"].split(",") if c.strip()]
-    return apply_overrides(config, overrides)
+    config = training_config(args, FLAG_KEYS)
+    if args.categories is None:
+        return config
+    return apply_overrides(config, {"data.categories": [c.strip() for c in args.categories.split(",") if c.strip()]})
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start_logging()
+    from dinomaly.distributed.cluster import check_job_storage
     from dinomaly.distributed.entry import run_job
     from dinomaly.distributed.train import run as launch
 
-    def check() -> Config:
+    def check() -> tuple[Config, Path]:
         config = config_from_args(args)
+        output = args.output or Path("runs") / config.name
+        check_job_storage({"--output": str(output), "--storage-path": config.output_root},
+                          config.tracking.tracking_uri if config.tracking.enabled else None)
         launch.check_before_start(config, init_from=args.init_from, resume=args.resume)
-        return config
+        return config, output
 
-    return run_job(check, lambda config: launch.run(config, init_from=args.init_from, output=args.output))
+    return run_job(check, lambda checked: launch.run(checked[0], init_from=args.init_from, output=checked[1]),
+                   debug=args.debug)
 
 
 if __name__ == "__main__":

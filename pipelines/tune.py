@@ -1,7 +1,7 @@
 """Hyper-parameter search: many training runs of one config on Ray Tune, ranked, tracked, the best registered.
 
     python pipelines/tune.py --config demo --num-samples 8
-    python pipelines/tune.py --config mvtec_uni --set data.root=/data/mvtec \\
+    python pipelines/tune.py --config mvtec_uni --data /data/mvtec --output sweeps/mvtec \\
         --space 'model.bottleneck_dropout=uniform(0.0, 0.6)' --space 'train.lr=loguniform(1e-4, 1e-2)'
     python pipelines/tune.py --config demo --resume          # finish an interrupted sweep (same options)
 
@@ -19,7 +19,7 @@ without defective images the reconstruction loss on held-out normal training ima
 (tune.scheduler) stops trials that fall behind at an evaluation (tune.evaluations per trial). A failing
 trial (NaN/diverging loss, OOM, bad config, workers' CPUs/GPUs not free within cluster.start_timeout_s) is
 ranked 'failed' with its reason; the sweep goes on.
-Outputs: the ranking (printed; tune_results.csv/.json in --output-dir, default <output_root>/<name>/),
+Outputs: the ranking (printed; tune_results.csv/.json in --output, default the sweep folder runs/<name>/),
 an MLflow parent run with a child run per trial, and the best model registered as
 tracking.registered_model_name (alias tune.champion_alias when it beats the current holder).
 Exit status: 0 done, 1 no trial succeeded (or the cluster cannot host one), 2 bad options, 3 interrupted
@@ -32,32 +32,36 @@ import argparse
 import sys
 
 import dinomaly.distributed  # noqa: F401 - sets Ray's loopback environment before Ray is imported
-from dinomaly.config import Config, apply_overrides, load_config
-from dinomaly.config.cli import entry_parser, start_logging
+from dinomaly.config import Config, apply_overrides
+from dinomaly.config.cli import entry_parser, start_logging, training_config
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = entry_parser(__doc__, config_default="demo", set_example="--set tune.max_concurrent_trials=2 "
-                          "(keys listed below)",
-                          config_help="YAML preset in configs/ (demo, mvtec_uni, ...) or a path (default demo)")
+    parser = entry_parser(__doc__, flags=("config", "data", "name", "output", "set", "storage_path", "resume",
+                                          "workers", "gpu"), defaults={"config": "demo"},
+                          deprecated={"--output-dir": "output"}, set_example="--set tune.max_concurrent_trials=2",
+                          help={"name": "sweep name: Ray Tune experiment, MLflow parent run (name)",
+                                "output": "folder that receives everything the sweep writes: tune_results.csv/.json "
+                                          "and, unless --storage-path says otherwise, the sweep folder <DIR>/<name> "
+                                          "(trials, checkpoints) and feature_cache/; a new folder is a new sweep "
+                                          "(default: the sweep folder runs/<name>)",
+                                "resume": "finish the interrupted sweep of this name and output: finished trials "
+                                          "are kept, unfinished ones continue from their latest checkpoint",
+                                "workers": "Ray Train workers of each trial (train.num_workers)",
+                                "gpu": "one GPU per trial worker (train.use_gpu; train.precision=bf16 unless --set "
+                                       "train.precision=fp32)"})
     add = parser.add_argument
     add("--space", action="append", default=[], metavar="KEY=SPEC",
         help="search-space entry, repeatable; given at all, these replace tune.search_space")
     add("--num-samples", type=int, help="trials to sample (tune.num_samples)")
-    add("--resume", action="store_true", help="finish the interrupted sweep of this name: finished trials are "
-        "kept, unfinished ones continue from their latest checkpoint")
-    add("--output-dir", help="folder for tune_results.csv/.json (default: the sweep folder <output_root>/<name>)")
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    config = load_config(args.config, args.set)
-    overrides = {}
-    if args.space:
-        overrides["tune.search_space"] = dict(_space_entry(text) for text in args.space)
-    if args.num_samples is not None:
-        overrides["tune.num_samples"] = args.num_samples
-    return apply_overrides(config, overrides)
+    config = training_config(args, {"num_samples": "tune.num_samples"})
+    if not args.space:
+        return config
+    return apply_overrides(config, {"tune.search_space": dict(_space_entry(text) for text in args.space)})
 
 
 def _space_entry(text: str) -> tuple[str, str]:
@@ -70,18 +74,25 @@ def _space_entry(text: str) -> tuple[str, str]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start_logging()
+    from dinomaly.distributed.cluster import check_job_storage
     from dinomaly.distributed.entry import run_job
     from dinomaly.distributed.train.run import check_before_start, prepare_config
     from dinomaly.distributed.tune import sweep
     from dinomaly.distributed.tune.space import check_search_space
 
     def check() -> Config:
-        config = prepare_config(config_from_args(args))
+        config = config_from_args(args)
+        where = {"--output": args.output or sweep.experiment_path(config), "--storage-path": config.output_root}
+        if config.tune.cache_root:
+            where["tune.cache_root"] = config.tune.cache_root
+        check_job_storage(where, config.tracking.tracking_uri if config.tracking.enabled else None)
+        config = prepare_config(config)
         check_search_space(config)  # a bad space fails here, before any Ray work, with the fix named
         check_before_start(config)
         return config
 
-    return run_job(check, lambda config: sweep.run(config, resume=args.resume, output_dir=args.output_dir))
+    return run_job(check, lambda config: sweep.run(config, resume=args.resume, output_dir=args.output),
+                   debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -1,21 +1,27 @@
-"""cluster/ stays true to the code: every YAML parses, every entry point, import path and config key it
-names exists, and every Ray image and version pin matches pyproject.toml.
+"""cluster/ stays true to the code: every YAML parses and validates against its schema (KubeRay's CRD
+fields for v1.5.1-v1.7.0, Ray's launcher schema, Serve's schema, Ray's RuntimeEnv), every entry point,
+import path and config key it names exists, and every Ray image and version pin matches pyproject.toml.
 
 Nothing here deploys: the manifests are checked as text against the package (the parsers of the
-pipelines themselves read the commands, dinomaly.config validates every key).
+pipelines themselves read the commands, dinomaly.config validates every key) and against the schemas in
+tests/schemas/ (the KubeRay one is hand-written; tests/schemas/README.md says from what).
 """
 
 from __future__ import annotations
 
 import ast
+import copy
 import importlib.metadata
 import importlib.util
+import json
 import re
 import shlex
 import subprocess
 import tomllib
 from pathlib import Path
 
+import jsonschema
+import pydantic
 import pytest
 import yaml
 
@@ -221,3 +227,198 @@ def test_local_multinode_script_is_valid_and_stops_by_pid():
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     code = [line for line in script.read_text().splitlines() if not line.lstrip().startswith("#")]
     assert not any(re.search(r"\bray\"? stop\b|pkill|killall", line) for line in code)
+
+
+# --- schema validation: KubeRay CRDs, Ray's cluster launcher, Serve ---------------------------------------
+
+SCHEMAS = Path(__file__).resolve().parent / "schemas"
+KUBERAY_SCHEMA = SCHEMAS / "kuberay-v1.5.1-v1.7.0" / "ray.io_v1.subset.yaml"  # hand-written: schemas/README.md
+# Kubernetes core kinds have no schema here (no registry package ships one): only their apiVersion is checked.
+CORE_KINDS = {"Namespace": "v1", "Secret": "v1", "ConfigMap": "v1", "Service": "v1", "PersistentVolumeClaim": "v1",
+              "Deployment": "apps/v1", "Job": "batch/v1"}
+
+
+def kuberay_schema(kind: str) -> dict:
+    return yaml.safe_load(KUBERAY_SCHEMA.read_text())["kinds"][kind]
+
+
+def launcher_schema() -> dict:
+    import ray
+
+    return json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+
+
+def closed(schema):
+    """Serve's JSON schema with unknown keys rejected: Serve itself ignores them, so a typo does nothing."""
+    if isinstance(schema, dict):
+        schema = {key: closed(value) for key, value in schema.items()}
+        if "properties" in schema and "additionalProperties" not in schema:
+            schema["additionalProperties"] = False
+    elif isinstance(schema, list):
+        schema = [closed(value) for value in schema]
+    return schema
+
+
+def schema_errors(document: dict, schema: dict) -> list[str]:
+    validator = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)(schema)
+    return [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+            for e in validator.iter_errors(document)]
+
+
+def serve_errors(config: dict) -> list[str]:
+    from ray.serve.schema import ServeDeploySchema
+
+    try:
+        ServeDeploySchema.model_validate(config)  # Serve's own types and checks
+    except pydantic.ValidationError as err:
+        return [str(err)]
+    return schema_errors(config, closed(ServeDeploySchema.model_json_schema()))
+
+
+def manifest_errors(document: dict) -> list[str]:
+    """Every schema problem of one cluster/ document, by what the document is."""
+    if "applications" in document:
+        return serve_errors(document)
+    if "provider" in document and "available_node_types" in document:
+        return schema_errors(document, launcher_schema())
+    if document.get("apiVersion", "").startswith("ray.io/"):
+        errors = schema_errors(document, kuberay_schema(document["kind"]))
+        return errors + [e for inner in embedded_yaml(document) if "applications" in inner
+                         for e in serve_errors(inner)]
+    if document.get("kind") in CORE_KINDS:
+        wanted = CORE_KINDS[document["kind"]]
+        return [] if document.get("apiVersion") == wanted else [f"{document['kind']} needs apiVersion {wanted}"]
+    return [f"no schema for {document.get('kind') or sorted(document)[:3]}"]
+
+
+SCHEMA_DOCUMENTS = [(path, i, doc) for path in YAML_FILES if path.name != "runtime_env.yaml"
+                    for i, doc in enumerate(documents(path))]
+
+
+@pytest.mark.parametrize("path,index,document", SCHEMA_DOCUMENTS,
+                         ids=[f"{p.relative_to(CLUSTER)}#{i}" for p, i, _ in SCHEMA_DOCUMENTS])
+def test_manifest_validates_against_its_schema(path, index, document):
+    assert manifest_errors(document) == [], f"{path.relative_to(REPO)} document {index}"
+
+
+def test_every_kind_of_schema_is_exercised():
+    kinds = {d.get("kind") for _, _, d in SCHEMA_DOCUMENTS}
+    assert {"RayCluster", "RayJob", "RayService"} <= kinds
+    assert any("provider" in d for _, _, d in SCHEMA_DOCUMENTS)
+    assert len(serve_configs()) >= 2
+
+
+def misspelled(path: str, key_path: list, wrong: str) -> dict:
+    """The first document of cluster/<path> with the key at key_path renamed to `wrong`."""
+    document = copy.deepcopy(documents(CLUSTER / path)[0])
+    node = document
+    for key in key_path[:-1]:
+        node = node[key]
+    node[wrong] = node.pop(key_path[-1])
+    return document
+
+
+@pytest.mark.parametrize("path,key_path,wrong", [
+    ("kuberay/raycluster.yaml", ["spec", "workerGroupSpecs", 0, "maxReplicas"], "maxReplica"),
+    ("kuberay/raycluster.yaml", ["spec", "headGroupSpec", "template", "spec", "containers", 0, "volumeMounts"],
+     "volumeMount"),
+    ("kuberay/rayjob-train.yaml", ["spec", "entrypoint"], "entryPoint"),
+    ("kuberay/rayservice.yaml", ["spec", "rayClusterConfig", "authOptions"], "authOption"),
+    ("launcher/aws-gpu.yaml", ["available_node_types", "gpu_worker", "min_workers"], "min_worker"),
+    ("serve_config.yaml", ["applications", 0, "import_path"], "improt_path"),
+    ("serve_config.yaml", ["applications", 0, "deployments", 0, "user_config"], "user_conifg"),
+])
+def test_a_misspelled_field_fails_validation(path, key_path, wrong):
+    assert manifest_errors(misspelled(path, key_path, wrong)) != []
+
+
+def test_a_misspelled_field_inside_the_embedded_serve_config_fails():
+    service = copy.deepcopy(documents(CLUSTER / "kuberay/rayservice.yaml")[0])
+    service["spec"]["serveConfigV2"] = service["spec"]["serveConfigV2"].replace("route_prefix", "route_prefx")
+    assert manifest_errors(service) != []
+
+
+# --- what a real cluster needs that the schemas cannot see ----------------------------------------------
+
+def ray_pod_templates() -> list[tuple[str, dict]]:
+    templates = []
+    for path in YAML_FILES:
+        for doc in documents(path):
+            spec = doc.get("spec") or {}
+            cluster = spec.get("rayClusterConfig") or spec.get("rayClusterSpec") or spec
+            if doc.get("apiVersion", "").startswith("ray.io/") and "headGroupSpec" in cluster:
+                groups = [("head", cluster["headGroupSpec"])]
+                groups += [(g["groupName"], g) for g in cluster.get("workerGroupSpecs", [])]
+                templates += [(f"{path.name}:{name}", group["template"]["spec"]) for name, group in groups]
+    return templates
+
+
+def test_every_ray_pod_mounts_a_memory_dev_shm():
+    templates = ray_pod_templates()
+    assert len(templates) >= 4
+    for where, pod in templates:
+        memory_volumes = {v["name"] for v in pod.get("volumes", []) if v.get("emptyDir", {}).get("medium") == "Memory"}
+        mounts = {m["name"] for c in pod["containers"] for m in c.get("volumeMounts", []) if m["mountPath"] == "/dev/shm"}
+        assert mounts and mounts <= memory_volumes, f"{where}: /dev/shm is not a memory emptyDir"
+
+
+def test_the_bucket_is_a_parameter():
+    """S3 bucket names are global: no file in cluster/ may name one; they read DINOMALY_BUCKET.
+
+    The local cluster (multinode.sh) is exempt: its bucket lives in a moto server on this machine.
+    """
+    hard_coded = [(str(p.relative_to(REPO)), line) for p in TEXT_FILES for line in p.read_text().splitlines()
+                  if re.search(r"s3://dinomaly\b|store/dinomaly\b", line) and "multinode" not in line]
+    assert hard_coded == []
+    users = [p for p in TEXT_FILES if "DINOMALY_BUCKET" in p.read_text()]
+    assert len(users) >= 5
+
+
+def test_applying_the_kuberay_files_never_overwrites_a_secret():
+    """The serve token is made once with kubectl; a Secret in these files would reset it on every apply."""
+    for path in sorted((CLUSTER / "kuberay").glob("*.yaml")):
+        assert [d["metadata"]["name"] for d in documents(path) if d["kind"] == "Secret"] == [], path.name
+
+
+def test_every_pod_pulls_our_image_with_the_registry_login():
+    pods = [(p.name, doc) for p in YAML_FILES for doc in documents(p)]
+    ours = 0
+    for name, doc in pods:
+        for _, pod in walk_pod_specs(doc):
+            images = [c["image"] for c in pod["containers"] if "dinomaly:" in c["image"]]
+            if images:
+                ours += 1
+                assert pod.get("imagePullSecrets") == [{"name": "dinomaly-registry"}], f"{name}: {images}"
+    assert ours >= 6
+
+
+def walk_pod_specs(node, key=None):
+    """(key, pod spec) for every mapping with a containers list, at any depth."""
+    if isinstance(node, dict):
+        if isinstance(node.get("containers"), list):
+            yield key, node
+        for k, v in node.items():
+            yield from walk_pod_specs(v, k)
+    elif isinstance(node, list):
+        for v in node:
+            yield from walk_pod_specs(v, key)
+
+
+def test_the_launcher_head_may_start_workers():
+    """Without EC2 launch rights and iam:PassRole on the workers' role, no GPU worker ever starts."""
+    launcher = documents(CLUSTER / "launcher/aws-gpu.yaml")[0]
+    nodes = launcher["available_node_types"]
+    head = nodes[launcher["head_node_type"]]["node_config"]["IamInstanceProfile"]["Name"]
+    workers = {n["node_config"]["IamInstanceProfile"]["Name"] for name, n in nodes.items()
+               if name != launcher["head_node_type"]}
+    policy = json.loads((CLUSTER / "launcher/iam-head-policy.json").read_text())
+    granted = {(a, r) for s in policy["Statement"] if s["Effect"] == "Allow"
+               for a in s["Action"] for r in ([s["Resource"]] if isinstance(s["Resource"], str) else s["Resource"])}
+    assert {a for a, _ in granted} >= {"ec2:RunInstances", "ec2:CreateTags", "ec2:TerminateInstances", "iam:PassRole"}
+    assert {r.rsplit("/", 1)[-1] for a, r in granted if a == "iam:PassRole"} == workers
+    assert head not in workers
+    worker_policy = json.loads((CLUSTER / "launcher/iam-worker-policy.json").read_text())
+    worker_actions = {a for s in worker_policy["Statement"] for a in s["Action"]}
+    assert "s3:GetObject" in worker_actions and not any(a.startswith(("ec2:", "iam:")) for a in worker_actions)
+    for node in nodes.values():  # the CUDA 13 wheels need driver >= 580: never Ray's default (older) AMI
+        assert node["node_config"].get("ImageId", "").startswith("ami-")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +25,15 @@ from dinomaly.data.layouts import read_layout
 from dinomaly.data.manifest import MANIFEST_SCHEMA, build_manifest, write_manifest
 from dinomaly.data.reader import RowReader
 from dinomaly.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from dinomaly.distributed.train.data import ErrorCounter, count_errors, iter_train_batches, train_dataset
+from dinomaly.distributed.train.data import (
+    ErrorCounter,
+    StreamPlan,
+    count_errors,
+    epochs_for,
+    iter_train_batches,
+    train_dataset,
+)
+from dinomaly.distributed.train.prefetch import PUT_POLL_S, prefetched
 
 CLASSES = ["weave", "nut"]
 
@@ -142,7 +151,7 @@ def test_missing_bucket_and_rejected_credentials_fail_on_the_driver(no_ray_work,
 def test_local_and_s3_give_identical_batches(ray_session, local_manifest, s3_manifest):
     config = small_config()
     # shuffled: Ray streams blocks in completion order, so rows are matched by file
-    local, remote = ({r["image_uri"].split("/demo/")[1]: r for r in rows(train_dataset(m, config))}
+    local, remote = ({r["image_uri"].split("/demo/")[1]: r for r in rows(train_dataset(m, config, epochs=1))}
                      for m in (local_manifest, s3_manifest))
     assert sorted(local) == sorted(remote) and len(local) == 12
     for name, row in local.items():
@@ -151,15 +160,15 @@ def test_local_and_s3_give_identical_batches(ray_session, local_manifest, s3_man
 
 
 def _odd_images(folder) -> list[dict]:
-    """Images in every mode the reference meets (RGB JPEG, L, RGBA, P, 16-bit) + masks of another size."""
+    """Images in every mode the reference meets (RGB JPEG, L, RGBA, P, 16-bit) + masks of their size."""
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (300, 340, 3), dtype=np.uint8)
     images = {"rgb.jpg": Image.fromarray(rgb), "gray.png": Image.fromarray(rgb[..., 0]),
               "rgba.png": Image.fromarray(np.dstack([rgb, rgb[..., :1]]), "RGBA"),
               "palette.png": Image.fromarray(rgb).convert("P"),
               "deep.png": Image.fromarray(rng.integers(0, 400, (300, 340)).astype(np.uint16))}
-    mask = np.zeros((600, 500), np.uint8)
-    mask[100:350, 120:300] = 255
+    mask = np.zeros((300, 340), np.uint8)  # a mask of another size is refused (test_pack.py)
+    mask[50:175, 120:300] = 255
     records = []
     for i, (name, image) in enumerate(images.items()):
         image.save(folder / name)
@@ -179,13 +188,13 @@ def test_pipeline_matches_the_reference_transforms(ray_session, tmp_path):
     config = apply_overrides(Config(), {"model.image_size": 448, "model.crop_size": 392, "data.shuffle": False})
     image_ref = T.Compose([T.Resize((448, 448)), T.ToTensor(), T.CenterCrop(392), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     mask_ref = T.Compose([T.Resize((448, 448)), T.CenterCrop(392), T.ToTensor()])
-    dataset = train_dataset(pa.Table.from_pylist(records, schema=MANIFEST_SCHEMA), config)
+    dataset = train_dataset(pa.Table.from_pylist(records, schema=MANIFEST_SCHEMA), config, epochs=1)
     assert uris(dataset) == [r["image_uri"] for r in records]
-    (images,) = iter_train_batches(dataset, batch_size=len(records), max_epochs=1)
+    (images,) = iter_train_batches(dataset, batch_size=len(records), max_passes=1)
     expected = torch.stack([image_ref(Image.open(r["image_uri"]).convert("RGB")) for r in records])
     image_diff = (images - expected).abs().max().item()
     assert image_diff == 0.0, f"max abs diff {image_diff}"
-    # masks (read for evaluation by the same reader) of another size than their image
+    # masks (read for evaluation by the same reader)
     reader = RowReader(448, 392)
     for record in (r for r in records if r["mask_uri"]):
         got = torch.from_numpy(reader.read(record["image_uri"], record["mask_uri"]).mask).float().div(255)
@@ -214,39 +223,47 @@ def adjacent_pairs(streams: list[list[str]]) -> set[tuple[str, str]]:
     return {pair for stream in streams for pair in zip(stream, stream[1:])}
 
 
+def uris_by_epoch(shard) -> dict[int, list[str]]:
+    """One pass over a shard: its URIs in stream order, per epoch column."""
+    seen: dict[int, list[str]] = {}
+    for batch in shard.iter_batches(batch_size=8, batch_format="numpy"):
+        for uri, epoch in zip(batch["image_uri"], batch["epoch"]):
+            seen.setdefault(int(epoch), []).append(uri)
+    return seen
+
+
 def test_streaming_split_gives_disjoint_covering_shards_reshuffled_each_epoch(ray_session, many_images_manifest):
-    """Two consumers, two epochs: disjoint shards that cover the class, in a new permutation every epoch.
+    """Two consumers, two epochs in one stream: each epoch covers the class once, in a new permutation.
 
     Plain inequality of the orders would prove nothing: blocks stream in completion order and go to
     whichever consumer asks, so even a repeated (or absent) permutation comes out in a varying order.
-    What scheduling cannot change is the order inside a block (8 shuffle blocks of 8 rows on the
-    session's 4-CPU cluster), so a repeated permutation shares most of its 62 adjacent (uri, next uri)
-    pairs (56 lie inside blocks) with the previous epoch, and no shuffle shares as many with the manifest
-    order. Two independent uniform permutations of 64 rows share a given adjacent pair with probability
-    1/64, on average less than one of 62; sharing 16 or more has a probability of about
-    C(62, 16) / 64**16 = 3.5e-15 per comparison (three comparisons here).
+    What scheduling cannot change is the order inside a block (8 read tasks of 8 rows per epoch), so a
+    repeated permutation shares most of its 62 adjacent (uri, next uri) pairs (56 lie inside blocks)
+    with the previous epoch, and no shuffle shares as many with the manifest order. Two independent
+    uniform permutations of 64 rows share a given adjacent pair with probability 1/64, on average less
+    than one of 62; sharing 16 or more has a probability of about C(62, 16) / 64**16 = 3.5e-15 per
+    comparison (three comparisons here).
     """
     manifest_order = many_images_manifest.column("image_uri").to_pylist()
-    dataset = train_dataset(many_images_manifest, small_config())
+    dataset = train_dataset(many_images_manifest, small_config(), epochs=2)
     shards = dataset.streaming_split(2, equal=True)
-    seen: dict[int, list[list[str]]] = {0: [], 1: []}
+    seen: dict[int, dict[int, list[str]]] = {}
 
-    def consume(rank: int) -> None:  # each consumer iterates its shard for two epochs, like a Train worker
-        for _ in range(2):
-            seen[rank].append(uris(shards[rank]))
+    def consume(rank: int) -> None:  # one pass holds both epochs, as a Train worker reads it
+        seen[rank] = uris_by_epoch(shards[rank])
 
     threads = [threading.Thread(target=consume, args=(rank,)) for rank in (0, 1)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=300)
-    assert [len(seen[0]), len(seen[1])] == [2, 2], "a consumer did not finish its two epochs"
+    assert sorted(seen) == [0, 1], "a consumer did not finish its pass"
+    assert [sum(len(u) for u in seen[rank].values()) for rank in (0, 1)] == [RESHUFFLE_IMAGES] * 2
     for epoch in (0, 1):
-        first, second = seen[0][epoch], seen[1][epoch]
-        assert len(first) == len(second) == RESHUFFLE_IMAGES // 2
+        first, second = seen[0].get(epoch, []), seen[1].get(epoch, [])
         assert not set(first) & set(second)
         assert sorted(first + second) == sorted(manifest_order)
-    pairs = [adjacent_pairs([seen[0][epoch], seen[1][epoch]]) for epoch in (0, 1)]
+    pairs = [adjacent_pairs([seen[0].get(epoch, []), seen[1].get(epoch, [])]) for epoch in (0, 1)]
     unshuffled = adjacent_pairs([manifest_order])
     for epoch in (0, 1):
         shared = len(pairs[epoch] & unshuffled)
@@ -255,11 +272,69 @@ def test_streaming_split_gives_disjoint_covering_shards_reshuffled_each_epoch(ra
     assert shared < SHARED_PAIRS_LIMIT, f"the second epoch repeats {shared} adjacent pairs of the first"
 
 
+def test_stream_plan_covers_every_epoch_once_in_a_fresh_order():
+    plan = StreamPlan(rows=[None], num_rows=10, per_block=4, epochs=3, seed=7)
+    assert (plan.chunks, plan.tasks) == (3, 9)
+    epochs: dict[int, list[int]] = {}
+    for task in range(plan.tasks):
+        epoch, indices = plan.task_rows(task)
+        epochs.setdefault(epoch, []).extend(indices.tolist())
+    assert sorted(epochs) == [0, 1, 2] and all(sorted(order) == list(range(10)) for order in epochs.values())
+    assert epochs[0] != epochs[1] != epochs[2] and epochs[0] != list(range(10))
+    ordered = StreamPlan(rows=[None], num_rows=10, per_block=4, epochs=2, seed=None)
+    assert [i for task in range(ordered.tasks) for i in ordered.task_rows(task)[1].tolist()] == list(range(10)) * 2
+
+
+def test_epochs_for_covers_the_run_with_one_epoch_to_spare():
+    config = small_config(**{"train.total_steps": 300, "train.batch_size": 8, "train.warmup_steps": 10})
+    assert epochs_for(config, 160) == 16  # 2,400 images = 15 epochs of 160, + 1 for skipped files
+    assert epochs_for(config, 100_000) == 2
+
+
+def test_prefetched_runs_ahead_and_reraises_and_stops_on_close():
+    made: list[int] = []
+
+    def numbers():
+        for i in range(100):
+            made.append(i)
+            yield i
+
+    stream = prefetched(numbers(), depth=3)
+    time.sleep(0.3)
+    assert 3 <= len(made) <= 4  # started before the first next(): the queue's 3, and one waiting to be put
+    assert next(stream) == 0
+    time.sleep(0.3)
+    assert 4 <= len(made) <= 5  # one more once the consumer took one; never the whole source
+    stream.close()
+    time.sleep(3 * PUT_POLL_S)
+    assert not any(t.name == "dinomaly-prefetch" for t in threading.enumerate())
+
+    def failing():
+        yield 1
+        raise OSError("bucket gone")
+
+    stream = prefetched(failing(), depth=2)
+    assert next(stream) == 1
+    with pytest.raises(OSError, match="bucket gone"):
+        next(stream)
+
+
+def test_one_pass_streams_every_epoch_without_a_restart(ray_session, local_manifest):
+    """The epochs of a run follow each other in one execution (no pipeline restart at an epoch boundary):
+    one pass gives every epoch's batches, and the epochs arrive in order with manifest order inside."""
+    dataset = train_dataset(local_manifest, small_config(**{"data.shuffle": False}), epochs=3)
+    batches = list(iter_train_batches(dataset, batch_size=4, max_passes=1))
+    assert len(batches) == 3 * 12 // 4
+    epochs = [int(e) for b in dataset.iter_batches(batch_size=12, batch_format="numpy") for e in b["epoch"]]
+    assert epochs == [0] * 12 + [1] * 12 + [2] * 12
+    torch.testing.assert_close(batches[0], batches[3], rtol=0, atol=0)  # epoch 1 starts as epoch 0 did
+
+
 def test_iter_train_batches_yields_normalised_full_batches(ray_session, local_manifest):
     config = small_config(**{"data.shuffle": False})
-    dataset = train_dataset(local_manifest, config)
-    batches = list(iter_train_batches(dataset, batch_size=5, max_epochs=2))
-    assert len(batches) == 2 * (12 // 5)  # the partial batch of each epoch is dropped
+    dataset = train_dataset(local_manifest, config, epochs=1)
+    batches = list(iter_train_batches(dataset, batch_size=5, max_passes=2))
+    assert len(batches) == 2 * (12 // 5)  # the partial batch of each pass is dropped
     assert all(b.shape == (5, 3, 28, 28) and b.dtype == torch.float32 for b in batches)
     torch.testing.assert_close(batches[0], batches[2], rtol=0, atol=0)  # shuffle off: manifest order repeats
     train_rows = local_manifest.filter(pa.compute.equal(local_manifest.column("split"), "train"))
@@ -284,7 +359,7 @@ def test_corrupt_files_are_skipped_logged_and_counted(ray_session, dataset_root,
     manifest = build_manifest(read_layout(str(root)))
     bad = _corrupt(root, manifest)
     errors = ErrorCounter()
-    train = train_dataset(manifest, small_config(), errors=errors)
+    train = train_dataset(manifest, small_config(), errors=errors, epochs=1)
     assert len(uris(train)) == 12 - 4
     assert count_errors(train) == errors.summary()
     summary = errors.summary()
@@ -299,7 +374,7 @@ def test_strict_mode_fails_on_the_first_corrupt_file(ray_session, dataset_root, 
     root = shutil.copytree(dataset_root, tmp_path / "broken")
     manifest = build_manifest(read_layout(str(root)))
     bad = _corrupt(root, manifest)
-    dataset = train_dataset(manifest, small_config(**{"data.strict": True, "data.shuffle": False}))
+    dataset = train_dataset(manifest, small_config(**{"data.strict": True, "data.shuffle": False}), epochs=1)
     # Ray Data wraps the map task's CorruptImageError in UserCodeException (as RayTaskError(UserCodeException));
     # the original type and message survive only in the text
     with pytest.raises(ray.exceptions.UserCodeException,
@@ -310,7 +385,37 @@ def test_strict_mode_fails_on_the_first_corrupt_file(ray_session, dataset_root, 
 
 def test_manifest_uri_on_s3_is_read(ray_session, s3_manifest, moto_s3):
     uri = write_manifest(s3_manifest, moto_s3.uri("ingest/manifest.parquet"))
-    dataset = train_dataset(uri, small_config(**{"data.categories": ["nut"], "data.shuffle": False}))
+    dataset = train_dataset(uri, small_config(**{"data.categories": ["nut"], "data.shuffle": False}), epochs=1)
     assert [u.split("/demo/")[1] for u in uris(dataset)] == [
         u.split("/demo/")[1] for u, s, c in zip(*(s3_manifest.column(n).to_pylist() for n in ("image_uri", "split", "category")))
         if s == "train" and c == "nut"]
+
+
+def test_decode_tasks_follow_the_measured_decode_rate(ray_session, local_manifest):
+    from dinomaly.data.reader import RowReader as Reader
+    from dinomaly.distributed.train.data import decode_concurrency, measure_decode_s
+
+    columns = local_manifest.filter(pa.compute.equal(local_manifest.column("split"), "train"))
+    reader = Reader(32, 28)
+    seconds = measure_decode_s(columns, reader)
+    assert 0 < seconds < 1
+    workers = {"train.num_workers": 1, "train.cpus_per_worker": 1.0}
+    free = int(ray.cluster_resources()["CPU"]) - 1
+    assert decode_concurrency(columns, reader, small_config(**workers)) is None  # 0: Ray Data's own choice
+    assert decode_concurrency(columns, reader, small_config(**workers, **{"data.decode_images_per_s": 0.01})) == 1
+    assert decode_concurrency(columns, reader, small_config(**workers, **{"data.decode_images_per_s": 1e9})) == free
+
+
+def test_data_wait_share_with_and_without_the_start_up():
+    from dinomaly.distributed.train.progress import data_wait, data_wait_line
+    from dinomaly.distributed.train.worker import WorkerLog
+
+    assert data_wait(None) is None and data_wait(WorkerLog(start_step=0)) is None
+    # 11 steps of 1 s compute; the first waited 5 s for the pipeline, the others 0.05 s each
+    waits = [5.0] + [0.05] * 10
+    log = WorkerLog(start_step=0, data_wait_s=sum(waits), train_s=11 + sum(waits), step_waits=waits)
+    figures = data_wait(log)
+    assert figures["share"] == pytest.approx(5.5 / 16.5)
+    assert figures["steady_share"] == pytest.approx(0.5 / 10.5)
+    assert figures["first_wait_s"] == 5.0 and figures["median_wait_ms"] == pytest.approx(50)
+    assert data_wait_line(figures).startswith("data wait 4.8 % of step time")

@@ -22,6 +22,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 
 from dinomaly.config import apply_overrides, load_config
 from dinomaly.metrics import METRIC_NAMES, compute_metrics
+from dinomaly.results import validate_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "pipelines"))
@@ -242,6 +243,8 @@ def test_official_checkpoint_end_to_end_cli(setup, reference_dir, reference_mode
     assert "mean" in done.stdout and "P-AUPRO" in done.stdout
     info = json.loads((output / "metrics.json").read_text())
     assert info["model"]["version"] == "official" and list(info["classes"]) == CLASSES
+    validate_metrics(info)  # the one metrics.json schema of train, tune trials and evaluate
+    assert info["schema_version"] == 1 and info["job"] == "evaluate"
     rows = [r for r in pq.read_table(output / "scores.parquet").to_pylist() if not r["error"]]
     assert len(rows) == 11
     pixels = np.stack([resize_crop_image(decode_image(read_bytes(r["uri"])), 84, 84) for r in rows])

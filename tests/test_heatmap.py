@@ -63,6 +63,19 @@ def test_grid_has_one_row_per_image_and_rejects_mismatches():
         grid(images, maps[:2], 1.0)
     with pytest.raises(ValueError, match="uint8"):
         png_bytes(maps[0], 1.0, np.zeros((4, 4, 3), np.float32))
+    with pytest.raises(ValueError, match="2 scales for 3 images"):
+        grid(images, maps, [1.0, 2.0])
+
+
+def test_grid_rows_of_different_classes_use_their_own_threshold_scale():
+    """A map at its class threshold is mid-ramp (green) whether that threshold is 0.1 or 0.4."""
+    images = [np.zeros((8, 8, 3), np.uint8)] * 2
+    maps = [np.full((8, 8), 0.1, np.float32), np.full((8, 8), 0.4, np.float32)]
+    picture = np.asarray(grid(images, maps, [colour_scale(0.1), colour_scale(0.4)], pad=0))
+    first, second = picture[4, 12].astype(int), picture[12, 12].astype(int)  # overlay tiles of rows 1 and 2
+    assert (first == second).all() and first[1] > first[0] and first[1] > first[2]
+    shared = np.asarray(grid(images, maps, colour_scale(0.1), pad=0))
+    assert (shared[12, 12] != picture[12, 12]).any()  # on one scale the second row would be hotter
 
 
 def test_peak_location_maps_back_to_original_pixels():

@@ -86,7 +86,7 @@ def test_prepare_data_pipeline_writes_manifest_and_prints_counts(folder_root, tm
     import prepare_data
 
     out = tmp_path / "out" / "custom.parquet"
-    assert prepare_data.main(["--root", str(folder_root), "--out", str(out), "--categories", "widget"]) == 0
+    assert prepare_data.main(["--data", str(folder_root), "--output", str(out), "--categories", "widget"]) == 0
     printed = capsys.readouterr().out
     assert "widget" in printed and "gadget" not in printed and str(out) in printed
     assert read_manifest(str(out)).num_rows == 7

@@ -86,7 +86,7 @@ def test_local_one_row_per_image_resume_and_overwrite(model_and_images, ray_sess
     late = next(folder.rglob("img5.png"))
     late.rename(tmp_path / "img5.png")  # arrives later
     output = tmp_path / "out"
-    assert predict_cli.main(["--model", str(checkpoint), "--input", str(folder), "--output", str(output),
+    assert predict_cli.main(["--model", str(checkpoint), "--data", str(folder), "--output", str(output),
                              "--heatmaps", "--set", "eval.actors=2"]) == 0
     rows = {r["uri"]: r for r in read_results(str(output))}
     assert set(rows) == {str(p) for p in folder.rglob("*.png")}  # 5 images + broken.png, notes.txt not listed
@@ -96,7 +96,8 @@ def test_local_one_row_per_image_resume_and_overwrite(model_and_images, ray_sess
         assert row["error"] is None
         assert row["score"] == pytest.approx(wanted[uri.replace(str(folder), str(images))], abs=1e-6)
         assert row["is_anomalous"] == (row["score"] >= np.float32(threshold))
-        assert row["threshold"] == pytest.approx(threshold)
+        assert row["threshold"] == pytest.approx(threshold) and row["class"] == "global"  # a folder: no class
+        assert row["normalised_score"] == pytest.approx(row["score"] / threshold, rel=1e-5)
         side = Image.open(uri).size[0]
         assert (row["height"], row["width"]) == (side, side)
         assert 0 <= row["peak_row"] < side and 0 <= row["peak_col"] < side
@@ -108,7 +109,7 @@ def test_local_one_row_per_image_resume_and_overwrite(model_and_images, ray_sess
 
     # re-run after a new image arrived: only that one is scored
     (tmp_path / "img5.png").rename(late)
-    assert predict_cli.main(["--model", str(checkpoint), "--input", str(folder), "--output", str(output),
+    assert predict_cli.main(["--model", str(checkpoint), "--data", str(folder), "--output", str(output),
                              "--heatmaps"]) == 0
     second = json.loads((output / "summary.json").read_text())
     assert (second["scored"], second["errors"], second["skipped"], second["total_rows"]) == (1, 0, 6, 7)
@@ -116,31 +117,52 @@ def test_local_one_row_per_image_resume_and_overwrite(model_and_images, ray_sess
     assert len(uris) == len(set(uris)) == 7
 
     # another threshold is another run: refused without --overwrite, replaced with it
-    assert predict_cli.main(["--model", str(checkpoint), "--input", str(folder), "--output", str(output),
+    assert predict_cli.main(["--model", str(checkpoint), "--data", str(folder), "--output", str(output),
                              "--threshold", "1e9"]) == 2
-    assert predict_cli.main(["--model", str(checkpoint), "--input", str(folder), "--output", str(output),
+    assert predict_cli.main(["--model", str(checkpoint), "--data", str(folder), "--output", str(output),
                              "--threshold", "1e9", "--overwrite"]) == 0
     rows = read_results(str(output))
     assert len(rows) == 7 and not any(r["is_anomalous"] for r in rows)
     assert not (output / "heatmaps").exists()
 
 
-def test_manifest_input_scores_each_row(model_and_images, ray_session, tmp_path):
+def test_manifest_input_scores_each_row_with_its_class_threshold(model_and_images, ray_session, tmp_path):
+    """A manifest's category column picks each row's threshold from the model's per-class table; a class the
+    table lacks is decided by the global threshold, and every row says which was used."""
     import pyarrow as pa
 
-    checkpoint, images, _ = model_and_images
+    from dinomaly.calibration import METADATA_KEY, ClassThreshold, ThresholdTable
+    from dinomaly.checkpoint import load, save
+
+    checkpoint, images, threshold = model_and_images
+    loaded = load(checkpoint)
+    table = ThresholdTable(ClassThreshold(threshold, "calibration"), {"nut": ClassThreshold(1e6, "calibration")})
+    calibrated = save(tmp_path / "calibrated", loaded.model, loaded.config,
+                      metadata={**loaded.metadata, METADATA_KEY: table.to_dict()})
     paths = sorted(str(p) for p in images.rglob("*.png"))
-    pq.write_table(pa.table({"image_uri": paths + paths[:1]}), tmp_path / "list.parquet")  # a duplicate
-    assert predict_cli.main(["--model", str(checkpoint), "--input", str(tmp_path / "list.parquet"),
+    classes = ["nut" if i % 2 else "screw" for i in range(len(paths))]
+    pq.write_table(pa.table({"image_uri": paths + paths[:1], "category": classes + classes[:1]}),
+                   tmp_path / "list.parquet")  # a duplicate
+    assert predict_cli.main(["--model", str(calibrated), "--data", str(tmp_path / "list.parquet"),
                              "--output", str(tmp_path / "out")]) == 0
-    assert sorted(r["uri"] for r in read_results(str(tmp_path / "out"))) == paths
+    rows = read_results(str(tmp_path / "out"))
+    assert sorted(r["uri"] for r in rows) == paths
+    for row in rows:
+        named = classes[paths.index(row["uri"])]
+        assert row["class"] == ("nut" if named == "nut" else "global")
+        assert row["threshold"] == pytest.approx(1e6 if named == "nut" else threshold)
+        if row["error"] is None:
+            assert row["normalised_score"] == pytest.approx(row["score"] / row["threshold"], rel=1e-5)
+            assert row["is_anomalous"] == (row["normalised_score"] >= 1)
+    assert not any(r["is_anomalous"] for r in rows if r["class"] == "nut")
+    assert any(r["is_anomalous"] for r in rows if r["class"] == "global")
 
 
 def test_s3_input_and_output_resume(model_and_images, ray_session, moto_s3):
     checkpoint, images, threshold = model_and_images
     source = moto_s3.upload(images, "predict-in")
     output = moto_s3.uri("predict-out")
-    args = ["--model", str(checkpoint), "--input", source, "--output", output, "--heatmaps"]
+    args = ["--model", str(checkpoint), "--data", source, "--output", output, "--heatmaps"]
     assert predict_cli.main(args) == 0
     rows = read_results(output)
     assert len(rows) == 7 and {r["uri"] for r in rows} == {f"{source}/{p.relative_to(images).as_posix()}"
@@ -163,7 +185,7 @@ def test_unknown_folder_content_needs_overwrite(model_and_images, ray_session, t
     checkpoint, images, _ = model_and_images
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "precious.csv").write_text("someone else's file")
-    assert predict_cli.main(["--model", str(checkpoint), "--input", str(images),
+    assert predict_cli.main(["--model", str(checkpoint), "--data", str(images),
                              "--output", str(tmp_path / "out")]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (tmp_path / "out" / "precious.csv").exists()
@@ -284,7 +306,7 @@ def test_killed_mid_write_leaves_readable_results_and_resumes(model_and_images, 
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_ADDRESS": "local",
            "RAY_TMPDIR": ray_tmp, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     script = str(REPO / "pipelines" / "predict.py")
-    args = ["--model", str(checkpoint), "--input", str(folder), "--output", str(output), "--rows-per-file", "2",
+    args = ["--model", str(checkpoint), "--data", str(folder), "--output", str(output), "--rows-per-file", "2",
             "--set", "eval.batch_size=2"]
     passing = 2
     try:
@@ -316,3 +338,22 @@ def test_killed_mid_write_leaves_readable_results_and_resumes(model_and_images, 
         assert not half_written.exists()  # the killed run's leftover is cleaned on resume
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_decisions_per_row_class_with_nulls_for_unscored_rows():
+    """evaluate's scores.parquet and predict's rows get the same decision columns (no Ray needed)."""
+    import pyarrow as pa
+
+    from dinomaly.calibration import ClassThreshold, ThresholdTable
+    from dinomaly.distributed.batch.scoring import add_decisions
+
+    table = ThresholdTable(ClassThreshold(0.5, "calibration"), {"nut": ClassThreshold(0.2, "calibration")})
+    rows = pa.table({"uri": ["a", "b", "c", "d"], "category": ["nut", "screw", "nut", "nut"],
+                     "score": np.array([0.3, 0.3, np.nan, 0.1], np.float32), "error": ["", "", "unreadable", ""]})
+    decided = add_decisions(rows, table).to_pydict()
+    assert decided["class"] == ["nut", "global", "nut", "nut"]
+    assert decided["threshold"] == pytest.approx([0.2, 0.5, 0.2, 0.2])
+    assert decided["is_anomalous"] == [True, False, None, False]
+    assert decided["normalised_score"][:2] == pytest.approx([1.5, 0.6]) and decided["normalised_score"][2] is None
+    without = add_decisions(rows, None).to_pydict()  # official weights: no threshold, no verdict
+    assert without["class"] == [None] * 4 and without["is_anomalous"] == [None] * 4

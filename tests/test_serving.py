@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import math
 import shutil
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -18,8 +21,19 @@ import requests
 from fixtures_serving import encode, wait_ready
 from PIL import Image
 
+from dinomaly.calibration import ClassThreshold, ThresholdTable
 from dinomaly.config import Config, ServeConfig, apply_overrides
-from dinomaly.serving_api import RequestError, check_bearer, read_auth_token, resolve_threshold
+from dinomaly.serving_api import (
+    RequestError,
+    apply_threshold_update,
+    check_bearer,
+    check_threshold_update,
+    class_thresholds,
+    decide,
+    read_auth_token,
+    resolve_threshold,
+    resolve_thresholds,
+)
 
 TOKEN = "s3cret-token-for-tests"
 REGISTERED = "tiny-registry"
@@ -45,6 +59,59 @@ def test_threshold_resolution_order():
         resolve_threshold(None, "image_f1_optimal", {"step": 3})
     with pytest.raises(ValueError, match="not a number"):
         resolve_threshold(None, "image_f1_optimal", {"image_f1_optimal": "high"})
+
+
+TABLE = ThresholdTable(ClassThreshold(0.4, "calibration", 0.01),
+                       {"bottle": ClassThreshold(0.2, "calibration", 0.01, (0.18, 0.22), 30),
+                        "screw": ClassThreshold(0.8, "test-normals", 0.01)})
+
+
+def test_per_class_table_comes_first_and_old_models_fall_back():
+    legacy = {"thresholds": {"image_f1_optimal": 0.2}}
+    old = resolve_thresholds(None, "image_f1_optimal", legacy)
+    assert old.classes == {} and old.global_threshold == ClassThreshold(0.2, "metadata thresholds image_f1_optimal")
+    with_table = {**legacy, "calibration": TABLE.to_dict()}
+    assert resolve_thresholds(None, "image_f1_optimal", with_table) == TABLE
+    tag = {"calibration": json.dumps(ThresholdTable(ClassThreshold(0.5, "calibrate.py")).to_dict())}
+    assert resolve_thresholds(None, "image_f1_optimal", with_table, tag).global_threshold.threshold == 0.5
+    overridden = resolve_thresholds(0.3, "image_f1_optimal", with_table)
+    assert overridden.global_threshold == ClassThreshold(0.3, "serve.threshold") and overridden.classes == TABLE.classes
+    with pytest.raises(ValueError, match="serve.threshold"):
+        resolve_thresholds(None, "image_f1_optimal", {"calibration": "{not json"})
+    with pytest.raises(ValueError, match="> 0"):
+        resolve_thresholds(None, "image_f1_optimal", {"thresholds": {"image_f1_optimal": 0.0}})
+
+
+def test_decisions_name_class_threshold_and_normalised_score():
+    assert decide(TABLE, 0.3, "bottle") == {"score": 0.3, "class": "bottle", "threshold": 0.2,
+                                            "threshold_source": "calibration", "is_anomalous": True,
+                                            "normalised_score": pytest.approx(1.5)}
+    unnamed = decide(TABLE, 0.3, None)
+    assert unnamed["class"] == "global" and unnamed["is_anomalous"] is False
+    assert unnamed["normalised_score"] == pytest.approx(0.75)
+    assert decide(TABLE, 0.8, "screw")["is_anomalous"] is True  # score == threshold is anomalous
+    with pytest.raises(ValueError, match="bottle"):
+        decide(TABLE, 0.3, "cable")
+    used, values = class_thresholds(TABLE, ["screw", None, "cable", "bottle"])
+    assert used == ["screw", "global", "global", "bottle"] and values.tolist() == [0.8, 0.4, 0.4, 0.2]
+
+
+@pytest.mark.parametrize("body", [{"global": float("nan")}, {"global": float("inf")}, {"global": 0},
+                                  {"global": -0.1}, {"global": "0.3"}, {"global": True},
+                                  {"classes": {"cable": 0.3}}, {"classes": [0.3]}, {"classes": {"bottle": None}},
+                                  {"threshold": 0.3}, {}, [0.3], 0.3, None])
+def test_bad_threshold_updates_are_refused(body):
+    with pytest.raises(RequestError) as err:
+        check_threshold_update(body, TABLE)
+    assert err.value.status == 422
+
+
+def test_threshold_update_replaces_only_named_entries():
+    update = check_threshold_update({"classes": {"bottle": 0.25}}, TABLE)
+    changed = apply_threshold_update(TABLE, update)
+    assert changed.classes["bottle"] == ClassThreshold(0.25, "manual")
+    assert changed.classes["screw"] == TABLE.classes["screw"] and changed.global_threshold == TABLE.global_threshold
+    assert apply_threshold_update(TABLE, {"global": 1.0}).global_threshold == ClassThreshold(1.0, "manual")
 
 
 def test_auth_token_sources(tmp_path):
@@ -136,6 +203,8 @@ def test_predictions_equal_predictor(serve_app):
         assert body["score"] == pytest.approx(serve_app.expected_scores[name], abs=1e-6)
         assert body["threshold"] == pytest.approx(serve_app.threshold)
         assert body["is_anomalous"] == (serve_app.expected_scores[name] >= serve_app.threshold)
+        assert body["class"] == "global" and body["threshold_source"] == "metadata thresholds image_f1_optimal"
+        assert body["normalised_score"] == pytest.approx(body["score"] / serve_app.threshold)
         assert body["model"] == {"name": "tiny-serve", "version": "7"}
         assert body["elapsed_ms"] > 0 and "heatmap_png_base64" not in body
     verdicts = {post_image(serve_app.url, d).json()["is_anomalous"] for d in serve_app.images.values()}
@@ -255,9 +324,13 @@ def registry_app(serve_app, mlflow_template, tmp_path_factory):
         "tracking.registered_model_name": REGISTERED, "serve.auth_token_file": str(token_file)})
     run_id = open_run(config, "serve-test")
     registry_threshold = min(serve_app.expected_scores.values()) / 2  # every image anomalous
+    calibration = ThresholdTable(ClassThreshold(registry_threshold, "calibration"), {
+        "low": ClassThreshold(registry_threshold, "calibration", 0.01, n_images=8),
+        "high": ClassThreshold(max(serve_app.expected_scores.values()) * 2, "calibration", 0.01, n_images=8)})
     version = RunLogger(config.tracking.tracking_uri, run_id, REGISTERED).log_final(
         config, rows=[], heatmaps=None, checkpoint_dir=serve_app.checkpoint,
-        tags={"threshold_image_f1_optimal": registry_threshold, "normal_quantile": 0.99})
+        tags={"threshold_image_f1_optimal": registry_threshold * 3, "normal_quantile": 0.99,
+              "calibration": json.dumps(calibration.to_dict())})
     MlflowClient(config.tracking.tracking_uri).set_registered_model_alias(REGISTERED, "champion", version)
     serve.run(build_app(f"models:/{REGISTERED}@champion", config), name="secure", route_prefix="/secure")
     try:
@@ -286,5 +359,98 @@ def test_registry_alias_with_auth(registry_app, serve_app):
     assert body["threshold"] == pytest.approx(registry_threshold) and body["is_anomalous"] is True
     info = requests.get(f"{url}v1/model", headers=auth, timeout=30).json()
     assert info["source"] == f"models:/{REGISTERED}@champion" and info["auth"] is True
-    assert info["threshold_source"] == "registry tag threshold_image_f1_optimal"
+    assert info["threshold_source"] == "calibration"  # the per-class table wins over the single threshold tag
     assert not math.isnan(info["threshold"])
+
+
+def _post_as(url: str, data: bytes, auth: dict, class_name: str | None = None, **params) -> requests.Response:
+    params = {**params, **({"class": class_name} if class_name else {})}
+    return requests.post(f"{url}v1/predict", data=data, headers=auth, params=params, timeout=60)
+
+
+@pytest.mark.slow
+def test_requests_name_their_class(registry_app, serve_app):
+    """?class= picks that class's calibrated threshold; without it the global one decides and says so."""
+    url, _, registry_threshold = registry_app
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    name, data = next(iter(serve_app.images.items()))
+    score = serve_app.expected_scores[name]
+    high = max(serve_app.expected_scores.values()) * 2
+    low_body, high_body, unnamed = (_post_as(url, data, auth, c).json() for c in ("low", "high", None))
+    assert (low_body["class"], low_body["is_anomalous"], low_body["threshold"]) == ("low", True,
+                                                                                     pytest.approx(registry_threshold))
+    assert (high_body["class"], high_body["is_anomalous"]) == ("high", False)
+    assert high_body["normalised_score"] == pytest.approx(score / high) and high_body["normalised_score"] < 1
+    assert unnamed["class"] == "global" and unnamed["threshold_source"] == "calibration"
+    unknown = _post_as(url, data, auth, "cable")
+    assert unknown.status_code == 400 and "high" in unknown.json()["error"] and "low" in unknown.json()["error"]
+    heat = [_post_as(url, data, auth, c, heatmap="true").json()["heatmap_png_base64"] for c in ("low", "high")]
+    assert heat[0] != heat[1]  # the colour scale follows the class threshold
+    info = requests.get(f"{url}v1/model", headers=auth, timeout=30).json()["thresholds"]
+    assert info["classes"]["high"]["threshold"] == pytest.approx(high) and info["global"]["source"] == "calibration"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("body", ['{"global": -1}', '{"global": "NaN"}', '{"classes": {"cable": 0.3}}', '[1]',
+                                  'not json'])
+def test_bad_threshold_changes_get_4xx_and_change_nothing(registry_app, body):
+    url, _, registry_threshold = registry_app
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert requests.put(f"{url}v1/thresholds", data='{"global": 1.0}', timeout=30).status_code == 401
+    response = requests.put(f"{url}v1/thresholds", data=body, headers=auth, timeout=30)
+    assert 400 <= response.status_code < 500 and response.json()["error"]
+    info = requests.get(f"{url}v1/model", headers=auth, timeout=30).json()
+    assert info["threshold"] == pytest.approx(registry_threshold) and info["thresholds"]["changed_at_run_time"] == {}
+
+
+@pytest.mark.slow
+def test_threshold_change_under_load(registry_app, serve_app):
+    """Four clients post for ~3 s while a PUT moves class 'high''s threshold below every score: no request
+    fails, every request sent after the PUT answered uses the new value, and the weights are not reloaded."""
+    url, _, _ = registry_app
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    images = list(serve_app.images.values())
+    new = min(serve_app.expected_scores.values()) / 4
+    before = requests.get(f"{url}v1/model", headers=auth, timeout=30).json()
+    old = before["thresholds"]["classes"]["high"]["threshold"]
+    results, stop = [], threading.Event()
+
+    def client(i: int) -> None:
+        while not stop.is_set():
+            sent = time.monotonic()
+            try:
+                response = _post_as(url, images[i % len(images)], auth, "high")
+                body = response.json() if response.status_code == 200 else {}
+                results.append((sent, response.status_code, body.get("threshold"), body.get("is_anomalous")))
+            except requests.RequestException as err:
+                results.append((sent, repr(err), None, None))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1.0)
+        put_sent = time.monotonic()
+        changed = requests.put(f"{url}v1/thresholds", json={"classes": {"high": new}}, headers=auth, timeout=60)
+        put_done = time.monotonic()
+        time.sleep(1.5)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    try:
+        assert changed.status_code == 200, changed.text
+        assert changed.json()["classes"]["high"] == {"threshold": new, "source": "manual", "target_fpr": None,
+                                                     "interval": None, "n_images": 0}
+        assert [r for r in results if r[1] != 200] == []
+        early = [r for r in results if r[0] < put_sent]
+        late = [r for r in results if r[0] > put_done]
+        assert len(early) >= 4 and len(late) >= 4, (len(early), len(late))
+        assert {(r[2], r[3]) for r in early} == {(old, False)}  # the floats travel through JSON unchanged
+        assert {(r[2], r[3]) for r in late} == {(new, True)}
+        after = requests.get(f"{url}v1/model", headers=auth, timeout=30).json()
+        assert after["replica"] == before["replica"]  # same process, same load time: weights not reloaded
+        assert after["thresholds"]["changed_at_run_time"] == {"classes": {"high": new}}
+    finally:
+        reset = requests.delete(f"{url}v1/thresholds", headers=auth, timeout=60)
+        assert reset.status_code == 200 and reset.json()["classes"]["high"]["threshold"] == pytest.approx(old)

@@ -114,3 +114,56 @@ def test_assign_classes_balances_images_over_ranks():
     assert sorted(sum(shares, [])) == ["a", "b", "c", "d"]
     assert shares == [["a", "d"], ["b", "c"]]  # 14 vs 14 images
     assert assign_classes({"a": 3}, 2) == [["a"], []]
+
+
+def score_rows(value: float) -> list[dict]:
+    return [{"class": "nut", **dict.fromkeys(METRICS, value)}, {"class": "mean", **dict.fromkeys(METRICS, value)}]
+
+
+def test_keep_best_keeps_the_best_evaluation_through_a_fall_and_a_restore(tmp_path, mlflow_uri):
+    """train.keep_best without Ray: the evaluations score 0.6, 0.9, 0.7; the step-4 model stays the best
+    checkpoint (also after a restore from a checkpoint's metadata), is registered with checkpoint=best, and
+    metrics.json describes it, in the one schema."""
+    import pyarrow.fs as pafs
+    from conftest import reference_model_config
+    from mlflow import MlflowClient
+
+    from dinomaly.checkpoint import load
+    from dinomaly.distributed.train.best import METADATA_KEY, BestKeeper, evaluation_score
+    from dinomaly.distributed.train.result import TrainResult
+    from dinomaly.distributed.train.worker import WorkerLog
+    from dinomaly.model.dinomaly import Dinomaly
+    from dinomaly.results import validate_metrics
+
+    config = apply_overrides(tracked_config(mlflow_uri), {"train.keep_best": True})
+    config = Config(**{**vars(config), "model": reference_model_config()})
+    model = Dinomaly(config.model)
+    assert evaluation_score(score_rows(0.5)[-1], ["image_auroc", "pixel_aupro"]) == 0.5
+    assert math.isnan(evaluation_score({"image_auroc": float("nan")}, ["image_auroc"]))
+    keeper = BestKeeper(["image_auroc", "pixel_aupro"], (pafs.LocalFileSystem(), str(tmp_path / "run")))
+    kept = [keeper.consider(step, score_rows(value), {"image_f1_optimal": value}, model, config)
+            for step, value in ((2, 0.6), (4, 0.9), (6, 0.7))]
+    assert kept == [True, True, False] and (keeper.best.step, keeper.best.score) == (4, 0.9)
+    saved = load(tmp_path / "run" / "best_checkpoint")
+    assert saved.metadata["step"] == 4 and saved.metadata["metrics"]["mean"]["image_auroc"] == 0.9
+    restored = BestKeeper(["image_auroc", "pixel_aupro"], (pafs.LocalFileSystem(), str(tmp_path / "run")))
+    restored.restore({METADATA_KEY: keeper.best.to_dict()})
+    assert not restored.consider(8, score_rows(0.8), None, model, config) and restored.best.step == 4
+
+    tracker = run_logger(config, open_run(config, "r1"), rank=0)
+    version = tracker.log_checkpoint(keeper.download(str(tmp_path / "down")), "best_checkpoint",
+                                     {"checkpoint": "best", "step": 4})
+    registered = MlflowClient(mlflow_uri).get_model_version("dino-test", version)
+    assert registered.source.endswith("/best_checkpoint") and registered.tags["step"] == "4"
+
+    keeper.best.model_version = version
+    log = WorkerLog(start_step=0, final_step=6, rows=score_rows(0.7), best=keeper.best.to_dict())
+    result = TrainResult(config=config, final_step=6, rows=log.rows, thresholds={"image_f1_optimal": 0.7},
+                         checkpoint_uri="/runs/r1/checkpoint_0000006", mlflow_run_id=None, model_version="1",
+                         data_errors=None, output_dir=None, log=log)
+    record = result.metrics_record().to_dict()
+    validate_metrics(record)
+    assert (record["describes"], record["step"], record["final_step"], record["mean"]["image_auroc"]) == (
+        "best", 4, 6, 0.9)
+    assert record["checkpoint_uri"] == str(tmp_path / "run" / "best_checkpoint") and record["model_version"] == version
+    assert record["last_checkpoint_uri"] == "/runs/r1/checkpoint_0000006" and record["last_model_version"] == "1"

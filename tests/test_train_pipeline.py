@@ -175,15 +175,20 @@ def ray_head(tmp_path):
 
 @pytest.mark.slow
 def test_ray_job_submit_runs_the_pipeline_to_completion(ray_head, demo_root, mlflow_uri, tmp_path):
+    """Submitted with --working-dir, so the job runs in Ray's temporary package folder: its output, Ray's run
+    folder (inside --output) and the MLflow run in the submitter's store all outlive the job."""
+    from mlflow import MlflowClient
+
     address, env = ray_head
     out = tmp_path / "out"
     job = [sys.executable, "pipelines/train.py", "--config", "demo", "--data", str(demo_root), "--steps", "4",
-           "--workers", "2", "--batch-size", "4", "--storage-path", str(tmp_path / "store"), "--name", "job",
-           "--output", str(out), "--set", "model.image_size=28", "--set", "model.crop_size=28",
+           "--workers", "2", "--batch-size", "4", "--name", "job", "--output", str(out),
+           "--set", "model.image_size=28", "--set", "model.crop_size=28",
            "--set", "model.encoder_kwargs={embed_dim: 32, num_heads: 2}", "--set", "train.warmup_steps=1",
-           "--set", "train.data_source=local", "--set", "eval.resize=32", "--set", f"tracking.tracking_uri={mlflow_uri}"]
+           "--set", "train.data_source=local", "--set", "eval.resize=32"]
+    runtime_env = {"excludes": ["tests/", "benchmarks/", "*.db"], "env_vars": {"MLFLOW_TRACKING_URI": mlflow_uri}}
     submit = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address, "--working-dir",
-              str(REPO), "--runtime-env-json", json.dumps({"excludes": ["tests/", "benchmarks/", "*.db"]}), "--", *job]
+              str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--", *job]
     result = subprocess.run(submit, env=dict(env, RAY_AUTH_MODE="token"), capture_output=True, text=True,
                             timeout=540)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
@@ -192,3 +197,10 @@ def test_ray_job_submit_runs_the_pipeline_to_completion(ray_head, demo_root, mlf
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["step"] == 4 and set(metrics["classes"]) == {"nut", "pill", "weave", "wood"} and metrics["mean"]
     assert (out / "checkpoint" / "model.safetensors").exists()
+    assert (out / "job" / "checkpoint_manager_snapshot.json").exists()  # Ray's run folder, inside --output
+    for record in (f"metrics.json:     {out / 'metrics.json'}", f"in {mlflow_uri}",
+                   f"registered model: models:/dinomaly-demo/{metrics['model_version']}"):
+        assert record in result.stdout, record  # the summary says where each record went
+    run = MlflowClient(tracking_uri=mlflow_uri).get_run(metrics["mlflow_run_id"])  # the submitter's store
+    assert run.info.status == "FINISHED" and run.info.run_name == "job"
+    assert "test/mean/image_auroc" in run.data.metrics

@@ -16,8 +16,10 @@ import torch
 from conftest import reference_model_config
 from safetensors.torch import load
 
+from dinomaly.calibration import ThresholdTable
 from dinomaly.config import Config, DataConfig, EvalConfig, TrackingConfig, TrainConfig
 from dinomaly.distributed.train.run import train
+from dinomaly.results import validate_metrics
 
 pytestmark = pytest.mark.slow
 TRAJECTORY_STEPS = (1, 5, 10, 20, 30)
@@ -260,6 +262,7 @@ def test_mlflow_run_has_params_metrics_artifacts_and_a_registered_version(tracke
     version = client.get_model_version("dino-t", run.model_version)
     assert version.run_id == run.mlflow_run_id and version.source.endswith("/checkpoint")
     assert float(version.tags["threshold_image_f1_optimal"]) == run.thresholds["image_f1_optimal"]
+    assert json.loads(version.tags["calibration"]) == run.thresholds["calibration"]  # the per-class table
     assert "threshold_image_normal_quantile" in version.tags and "mean_image_auroc" in version.tags
 
 
@@ -285,14 +288,26 @@ def test_outputs_hold_checkpoint_config_and_metrics_with_thresholds(tracked_run)
     thresholds = metrics["thresholds"]
     assert thresholds["normal_quantile"] == 0.99 and set(thresholds["per_class"]) == {"nut", "pill", "weave", "wood"}
     assert metrics["step"] == 40 and metrics["mlflow_run_id"] == run.mlflow_run_id
+    validate_metrics(metrics)  # the one metrics.json schema (dinomaly/metrics.schema.json)
+    assert metrics["schema_version"] == 1 and metrics["describes"] == "last"
     loaded = load(out / "checkpoint")
     assert loaded.metadata["step"] == 40 and loaded.metadata["thresholds"] == thresholds
+    # 6 training images a class are too few to hold any back: thresholds at the target FPR from the test
+    # split's normals, marked so, and checked against the test split beside the test-tuned F1-optimal ones
+    table = ThresholdTable.from_dict(loaded.metadata["calibration"])
+    assert table.to_dict() == thresholds["calibration"] and set(table.classes) == {"nut", "pill", "weave", "wood"}
+    assert {e.source for e in table.classes.values()} == {"test-normals"} and thresholds["target_fpr"] == 0.01
+    for name, row in thresholds["decisions"].items():
+        assert row["test_fpr"] == 0.0 and row["test_images"] == (6 if name != "global" else 24)
+        assert row["test_tuned"]["threshold"] == (thresholds["per_class"][name]["image_f1_optimal"]
+                                                  if name != "global" else thresholds["image_f1_optimal"])
     assert loaded.train_state["step"] == 40
     assert (out / "config.yaml").exists()
 
 
 def test_separate_setting_trains_one_model_per_class_in_parallel_runs(ray_session, demo_root, tmp_path):
-    base = data_config(tmp_path, demo_root, "sep", 1, 3, setting="separate", batch_size=4)
+    base = data_config(tmp_path, demo_root, "sep", 1, 3, setting="separate", batch_size=4, calibration_share=0.2,
+                       calibration_min_images=2)  # 2 of each class's 6 training images held back
     config = Config(**{**vars(base), "data": DataConfig(root=str(demo_root), layout="mvtec",
                                                         categories=["nut", "weave"])})
     outcome = train(config, output_dir=tmp_path / "out")
@@ -303,6 +318,10 @@ def test_separate_setting_trains_one_model_per_class_in_parallel_runs(ray_sessio
         loaded = load(tmp_path / "out" / name / "checkpoint")
         assert loaded.config.data.categories == [name] and loaded.metadata["step"] == 3
         assert set(loaded.metadata["metrics"]) == {name, "mean"}  # evaluated on its own class only
+        held = ThresholdTable.from_dict(loaded.metadata["calibration"]).classes[name]
+        assert (held.source, held.n_images, held.target_fpr) == ("calibration", 2, 0.01)
+        assert held.interval[0] <= held.threshold <= held.interval[1]
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["setting"] == "separate" and set(metrics["classes"]) == {"nut", "weave"}
+    validate_metrics(metrics)
     assert set(metrics["mean"]) == set(outcome.mean) and outcome.mean

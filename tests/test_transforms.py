@@ -8,6 +8,7 @@ import torch
 from PIL import Image, ImageFile
 from torchvision import transforms as T
 
+from dinomaly.data.textures import jpeg_bytes, synthetic_photo
 from dinomaly.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -16,6 +17,7 @@ from dinomaly.data.transforms import (
     decode_image,
     decode_mask,
     denormalize,
+    fast_decode_scale,
     normalize,
     preprocess_image,
     preprocess_mask,
@@ -152,3 +154,30 @@ def test_pixel_limit_refuses_large_images_before_decoding():
     with pytest.raises(ImageTooLargeError, match="10000 pixels"):
         decode_image(data, uri="big.png", max_pixels=5000)
     assert decode_image(data, max_pixels=None).size == (100, 100)
+
+
+# Fast decoding's tolerance against full decode + resize, in uint8 levels of the 392/224 crop (see README).
+FAST_DECODE_MAX_DIFF = 8
+FAST_DECODE_MEAN_DIFF = 1.0
+
+
+@pytest.mark.parametrize("size_px,image_size,crop_size,scale", [(1024, 256, 224, 2), (2048, 448, 392, 2),
+                                                               (2048, 256, 224, 4)])
+def test_fast_decode_stays_within_tolerance_of_a_full_decode(size_px, image_size, crop_size, scale):
+    """DCT-scaled JPEG decoding on textured photographs: the crop differs from the reference's by at most 8/255."""
+    data = jpeg_bytes(synthetic_photo(size_px, seed=size_px + image_size))
+    fast = decode_image(data, "x.jpg", draft_px=image_size)
+    assert fast.size == (size_px // scale, size_px // scale) == tuple(s // scale for s in fast.info["original_size"])
+    reference = resize_crop_image(decode_image(data), image_size, crop_size).astype(np.int16)
+    diff = np.abs(resize_crop_image(fast, image_size, crop_size).astype(np.int16) - reference)
+    assert diff.max() <= FAST_DECODE_MAX_DIFF and diff.mean() <= FAST_DECODE_MEAN_DIFF, (diff.max(), diff.mean())
+    assert diff.max() > 0  # the check can fail: DCT scaling did change pixels
+
+
+def test_fast_decode_leaves_small_jpegs_and_other_formats_in_full():
+    photo = synthetic_photo(512)
+    assert fast_decode_scale(1024, 1024, 448) == 1 and fast_decode_scale(4096, 3000, 448) == 2
+    assert decode_image(jpeg_bytes(photo), draft_px=448).size == (512, 512)
+    big = photo.resize((1024, 1024))  # a JPEG of this size would decode at 1/2 for draft_px=256
+    for fmt in ("PNG", "TIFF", "BMP"):
+        assert decode_image(encode(big, fmt), draft_px=256).size == (1024, 1024)

@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import threading
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -24,6 +25,7 @@ from dinomaly.distributed.train.run import prepare_config
 from dinomaly.distributed.tune.space import SearchSpace, check_search_space
 from dinomaly.distributed.tune.sweep import holdout_split, run_sweep
 from dinomaly.distributed.tune.trial import evaluation_steps
+from dinomaly.results import validate_metrics
 
 slow = pytest.mark.slow
 REGISTERED = "tune-test"
@@ -140,13 +142,23 @@ def test_sweep_finishes_ranks_all_trials_and_reports_the_best(grid_sweep, worksp
     assert [r["trial_id"] for r in table] == [r["trial_id"] for r in outcome.rows]
     saved = json.loads((folder / "tune_results.json").read_text())
     assert saved["best"]["trial_id"] == best["trial_id"] and saved["counts"]["failed"] == 1
+    # every evaluated trial's metrics.json (its best evaluation) in its trial folder, in the one schema
+    for row in outcome.rows:
+        path = folder / row["trial_id"] / "metrics.json"
+        assert path.exists() == (row["status"] != "failed"), row["trial_id"]
+        if path.exists():
+            record = json.loads(path.read_text())
+            validate_metrics(record)
+            assert (record["objective"], record["step"], record["status"]) == (
+                pytest.approx(row["objective"]), row["best_step"], row["status"])
+            assert set(record["classes"]) == {"nut", "pill", "weave", "wood"} and record["thresholds"]
 
 
 @slow
 def test_asha_stops_the_bad_learning_rate_early(grid_sweep):
     _, outcome = grid_sweep
     bad, good = rows_by_lr(outcome)[0.5], rows_by_lr(outcome)[0.002]
-    assert bad["status"] == "early_stopped" and bad["evaluations"] == 1 and bad["step"] == 2
+    assert bad["status"] == "early_stopped" and bad["evaluations"] == 1 and bad["steps"] == 2
     assert bad["objective"] < good["objective"]
 
 
@@ -160,7 +172,7 @@ def test_a_diverging_trial_fails_with_its_reason_and_the_sweep_goes_on(grid_swee
 
 
 @slow
-def test_mlflow_parent_run_child_runs_and_champion(grid_sweep):
+def test_mlflow_parent_run_child_runs_and_champion(grid_sweep, workspace):
     from mlflow import MlflowClient
 
     config, outcome = grid_sweep
@@ -188,6 +200,14 @@ def test_mlflow_parent_run_child_runs_and_champion(grid_sweep):
     assert outcome.champion and str(champion.version) == outcome.registered_version
     assert champion.run_id == outcome.best["mlflow_run_id"]
     assert float(champion.tags["objective"]) == pytest.approx(outcome.best["objective"])
+    # the champion is the winning trial's best evaluation (of those Tune received), not its last one
+    evaluated = {m.step: m.value for m in client.get_metric_history(champion.run_id, "objective")
+                 if m.step in [2, 4][:outcome.best["evaluations"]]}
+    best_step = max(evaluated, key=lambda step: (evaluated[step], -step))
+    assert float(champion.tags["objective"]) == pytest.approx(evaluated[best_step])
+    assert champion.tags["step"] == str(best_step) == str(outcome.best["best_step"])
+    folder = client.download_artifacts(champion.run_id, "checkpoint", str(workspace / "champion"))
+    assert json.loads((Path(folder) / "metadata.json").read_text())["step"] == best_step
 
 
 FIRED = threading.Event()  # module level: a callback restored by Tuner.restore must not fire again
@@ -239,6 +259,9 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_sess
     second = run_sweep(config, resume=True)
     assert not second.interrupted and {row["status"] for row in second.rows} == {"completed"}
     assert second.objective == "holdout_loss" and second.mode == "min" and second.best["holdout_loss"] > 0
+    record = json.loads((workspace / "runs" / "resumable" / resumed / "metrics.json").read_text())
+    validate_metrics(record)  # the interrupted trial's metrics.json is written once the resumed sweep ends
+    assert (record["objective_kind"], record["classes"], record["steps_trained"]) == ("holdout_loss", {}, 8)
     after = [(m.step, m.timestamp) for m in client.get_metric_history(runs[done], "loss")]
     assert after == before  # the finished trial did not train again
     steps = [m.step for m in client.get_metric_history(runs[resumed], "loss")]
@@ -269,3 +292,119 @@ def test_a_sweep_where_every_trial_fails_ends_with_a_summary(ray_session, worksp
     assert out.count("train.warmup_steps=3 must be in [0, train.total_steps=") >= 2
     with open(workspace / "runs" / "all-fail" / "tune_results.csv") as handle:
         assert [row["status"] for row in csv.DictReader(handle)] == ["failed", "failed"]
+
+
+# --------------------------------------------------------------------------- reproducible sampling (no Ray run)
+
+
+SEEDED_SPACE = {"train.lr": "loguniform(1e-4, 1e-2)", "model.bottleneck_dropout": "uniform(0.0, 0.6)",
+                "model.fuse_groups": GROUPINGS}
+
+
+def sampled_trials(algorithm: str, seed: int, count: int = 4) -> list[dict]:
+    """The first `count` trials the sweep's own searcher proposes, driven directly (no trial runs)."""
+    from dinomaly.distributed.tune.sweep import search_algorithm
+
+    config = load_config("demo", {"tune.search_space": SEEDED_SPACE, "tune.search_algorithm": algorithm,
+                                  "tune.seed": seed, "tune.num_samples": count})
+    searcher = search_algorithm(config, 2)
+    space = SearchSpace.from_config(config).to_tune()
+    if algorithm == "optuna":
+        searcher.set_search_properties("objective", "max", space)
+        return [searcher.suggest(f"trial_{i}") for i in range(count)]
+    searcher.add_configurations({"seeded": {"run": lambda _: None, "config": space, "num_samples": count}})
+    trials = []
+    for _ in range(count):  # one at a time: the generator holds back beyond max_concurrent live trials
+        trial = searcher.next_trial()
+        searcher.on_trial_complete(trial.trial_id)
+        trials.append(trial.config)
+    return trials
+
+
+@pytest.mark.parametrize("algorithm", ["random", "grid", "optuna"])
+def test_the_same_seed_samples_the_same_trials_in_the_same_order(algorithm):
+    first, again, other = sampled_trials(algorithm, 0), sampled_trials(algorithm, 0), sampled_trials(algorithm, 1)
+    assert len(first) == 4 and len({json.dumps(t, sort_keys=True) for t in first}) == 4
+    assert first == again
+    assert [t["train.lr"] for t in first] != [t["train.lr"] for t in other]
+
+
+# --------------------------------------------------------------------------- the champion is the best evaluation
+
+
+def reported(trial_id, evaluations, checkpoints):
+    """A Tune Result as the ranking reads it: every report of the trial (objective, step, checkpoint)."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    reports = [dict(objective=value, evaluation=i + 1, step=2 * (i + 1), mean_image_auroc=value,
+                    mean_pixel_aupro=value, checkpoint_path=str(checkpoints[trial_id, 2 * (i + 1)]))
+               for i, value in enumerate(evaluations)]
+    return SimpleNamespace(path=f"/sweep/{trial_id}", metrics=reports[-1], metrics_dataframe=pd.DataFrame(reports),
+                           config={"train.lr": 0.001}, error=None)
+
+
+def test_the_registered_champion_is_the_best_evaluation_of_the_winning_trial(tmp_path, mlflow_uri):
+    """Trial 'falls' scores 0.9 at step 2, then 0.7 at step 4: it wins on 0.9 (above 'rises', 0.6 -> 0.8, and
+    the early-stopped 'stopped' at 0.85), and its step-2 checkpoint is registered with 0.9 and written to its
+    metrics.json."""
+    from types import SimpleNamespace
+
+    from mlflow import MlflowClient
+
+    from dinomaly.checkpoint import save
+    from dinomaly.distributed.tune.ranking import SweepOutcome, format_ranking, rank_trials
+    from dinomaly.distributed.tune.sweep import write_trial_metrics
+    from dinomaly.distributed.tune.tracking import finish_tracking, open_parent_run
+    from dinomaly.distributed.tune.trial import ROLE_TAG, SWEEP_TAG, TRIAL_TAG
+    from dinomaly.model.dinomaly import Dinomaly
+    from dinomaly.results import validate_metrics
+
+    config = load_config("demo", {"name": "falling", "output_root": str(tmp_path / "runs"),
+                                  "tracking.tracking_uri": mlflow_uri, "tracking.registered_model_name": REGISTERED,
+                                  "tune.evaluations": 2})
+    model = Dinomaly(config.model)
+    histories = {"falls": [0.9, 0.7], "rises": [0.6, 0.8], "stopped": [0.85]}
+    checkpoints = {}
+    for trial_id, values in histories.items():
+        for i, value in enumerate(values):
+            folder = checkpoints[trial_id, 2 * (i + 1)] = tmp_path / "train" / trial_id / f"checkpoint_{2 * (i + 1)}"
+            by_class = {"nut": {"image_auroc": value}, "mean": {"image_auroc": value}}
+            save(folder, model, config, metadata=dict(step=2 * (i + 1), metrics={"objective": value}, classes=by_class,
+                                                      thresholds={"image_f1_optimal": value, "normal_quantile": 0.99}))
+    results = [reported(trial_id, values, checkpoints) for trial_id, values in histories.items()]
+    stored = {trial_id: SimpleNamespace(status="TERMINATED") for trial_id in histories}
+    rows, interrupted = rank_trials(results, stored, evaluations=2, expected=3, mode="max")
+    assert [(r["trial_id"], r["status"], r["objective"]) for r in rows] == [
+        ("falls", "completed", 0.9), ("stopped", "early_stopped", 0.85), ("rises", "completed", 0.8)]
+    falls = rows[0]
+    assert (falls["best_step"], falls["steps"], falls["last_objective"]) == (2, 4, 0.7) and not interrupted
+    assert falls["checkpoint"] == str(checkpoints["falls", 2])
+
+    client = MlflowClient(mlflow_uri)
+    parent = open_parent_run(config, "labelled")
+    experiment = client.get_run(parent).info.experiment_id
+    for trial_id in histories:
+        client.create_run(experiment, tags={SWEEP_TAG: "falling", ROLE_TAG: "trial", TRIAL_TAG: trial_id,
+                                            "mlflow.parentRunId": parent})
+    outcome = SweepOutcome(rows=rows, objective="labelled", mode="max", experiment_path=str(tmp_path / "runs"),
+                           parent_run_id=parent)
+    finish_tracking(config, outcome)
+    champion = client.get_model_version_by_alias(REGISTERED, "champion")
+    assert outcome.champion and str(champion.version) == outcome.registered_version
+    assert float(champion.tags["objective"]) == 0.9 and champion.tags["step"] == "2"
+    assert champion.tags["trial_id"] == "falls" and float(champion.tags["mean_image_auroc"]) == 0.9
+    registered = client.download_artifacts(champion.run_id, "checkpoint", str(tmp_path / "registered"))
+    assert json.loads((tmp_path / "registered" / "checkpoint" / "metadata.json").read_text())["step"] == 2, registered
+
+    written = write_trial_metrics(outcome, config, tmp_path / "out")
+    assert len(written) == 3
+    record = json.loads((tmp_path / "out" / "falls" / "metrics.json").read_text())
+    validate_metrics(record)
+    assert (record["job"], record["objective"], record["step"], record["steps_trained"]) == ("tune", 0.9, 2, 4)
+    assert record["classes"] == {"nut": {"image_auroc": 0.9}} and record["mean"] == {"image_auroc": 0.9}
+    assert record["describes"] == "best" and record["checkpoint_uri"] == str(checkpoints["falls", 2])
+    table = format_ranking(outcome)
+    assert "ranked by each trial's best evaluation" in table and table.splitlines()[1].split()[:6] == [
+        "1", "falls", "completed", "0.9000", "2", "4"]

@@ -22,8 +22,8 @@ class ServeConfig:
     port: int = doc("HTTP port", default=8000)
     route_prefix: str = doc("URL prefix of the app ('/' = the page at /, the API at /v1/...)", default="/")
     max_batch_size: int = doc("most images one model forward scores together (dynamic batching)", default=8)
-    batch_wait_timeout_s: float = doc("longest wait for a batch to fill before scoring what has arrived",
-                                      default=0.005)
+    batch_wait_timeout_s: float = doc("longest wait for a batch to fill before scoring what has arrived (a "
+                                      "request alone in its replica is scored at once)", default=0.005)
     num_replicas: int = doc("model replicas (the minimum when max_replicas > num_replicas)", default=1)
     max_replicas: int = doc("autoscale between num_replicas and this many replicas (0 = fixed num_replicas)",
                             default=0)
@@ -92,7 +92,9 @@ class TuneConfig:
     num_samples: int = doc("trials to sample (with grid values: repeats of the whole grid)", default=8)
     search_algorithm: Literal["random", "grid", "optuna"] = doc(
         "'random' samples every spec; 'grid' runs every combination of choice()/grid() values (ranges are "
-        "still sampled); 'optuna' = Optuna's TPE sampler (pip install optuna)", default="random")
+        "still sampled); 'optuna' = Optuna's TPE sampler", default="random")
+    seed: int = doc("seeds every search algorithm (random samples, the grid's sampled ranges, Optuna): the same "
+                    "seed and config sample the same trials in the same order", default=0)
     objective: Literal["auto", "labelled", "holdout_loss"] = doc(
         "'labelled' = mean of tune.metrics on the labelled test split (maximised); 'holdout_loss' = "
         "reconstruction loss on held-out normal training images (minimised, for data without defects); "

@@ -99,13 +99,21 @@ class DataConfig:
     max_image_pixels: int = doc("refuse images with more pixels than this (decompression-bomb guard; 0 = no limit)",
                                 default=89_478_485)
     strict: bool = doc("fail on the first unreadable image instead of skipping and counting it", default=False)
+    fast_decode: bool = doc("decode JPEGs of at least 4x image_size on the short side at 1/2, 1/4 or 1/8 scale "
+                            "(JPEG DCT scaling; pixels within 8/255 of a full decode, mean under 1/255); off in "
+                            "train.deterministic; PNG/TIFF/BMP always decode in full", default=True)
     loader_workers: int = doc("CPU processes decoding images per training worker (local loop)", default=0)
+    decode_images_per_s: float = doc(
+        "images/s all training workers consume together (e.g. GPUs x their step rate); Ray Data then runs "
+        "ceil(this x the read+decode seconds per image measured on the driver) decode tasks at once, at most the "
+        "CPUs the training workers leave free; 0 = as many as those free CPUs", default=0.0)
     shuffle: bool = doc("shuffle training images each epoch (False = manifest order, for deterministic runs)",
                         default=True)
 
     def __post_init__(self) -> None:
-        if self.loader_workers < 0:
-            raise ValueError(f"data.loader_workers={self.loader_workers} must be >= 0")
+        if self.loader_workers < 0 or self.decode_images_per_s < 0:
+            raise ValueError(f"data.loader_workers={self.loader_workers} and data.decode_images_per_s="
+                             f"{self.decode_images_per_s} must be >= 0")
         if not 0.0 <= self.folder_test_fraction < 1.0:
             raise ValueError(f"data.folder_test_fraction={self.folder_test_fraction} must be in [0, 1)")
         if self.max_image_pixels < 0:
@@ -147,11 +155,22 @@ class TrainConfig:
         "'ray_data' = Ray Data shards streamed to the workers; 'local' = every worker reads its slice of each "
         "global batch from the manifest itself (exact manifest order, resumable mid-epoch)", default="ray_data")
     deterministic: bool = doc("deterministic mode: manifest order (data.shuffle false, local reader), bottleneck "
-                              "dropout 0, fixed seeds, deterministic torch kernels; the same on any worker count",
+                              "dropout 0, full JPEG decoding (data.fast_decode false), fixed seeds, deterministic "
+                              "torch kernels; the same on any worker count",
                               default=False)
     max_failures: int = doc("times a run restarts from its latest checkpoint after a worker or node dies",
                             default=3)
     keep_checkpoints: int = doc("checkpoints kept on storage (the latest K; 0 = keep all)", default=2)
+    keep_best: bool = doc("also keep the best-evaluated checkpoint (highest mean of tune.metrics on the test split, "
+                          "at every train.eval_every step and the end) as <run>/best_checkpoint, register it beside "
+                          "the last one, and let metrics.json describe it (describes: best)", default=False)
+    calibration_share: float = doc(
+        "share of each class's normal training images held back, never trained on, to set the per-class "
+        "thresholds at eval.target_fpr (at least calibration_min_images; 0 = train on all, thresholds then come "
+        "from pipelines/calibrate.py or the test split's normals)", default=0.1)
+    calibration_min_images: int = doc("fewest images a class holds back; a class with fewer than twice as many "
+                                      "normal training images holds none back and is named in the log",
+                                      default=8)
 
     def __post_init__(self) -> None:
         for name in ("total_steps", "batch_size", "num_workers"):
@@ -175,6 +194,9 @@ class TrainConfig:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be >= 0")
         if self.lr <= 0 or self.final_lr < 0:
             raise ValueError(f"train.lr={self.lr} must be > 0 and train.final_lr={self.final_lr} >= 0")
+        if not 0.0 <= self.calibration_share <= 0.5 or self.calibration_min_images < 1:
+            raise ValueError(f"train.calibration_share={self.calibration_share} must be in [0, 0.5] and "
+                             f"train.calibration_min_images={self.calibration_min_images} at least 1")
 
 
 @dataclass(kw_only=True)
@@ -198,6 +220,8 @@ class EvalConfig:
     cpus_per_actor: float = doc("CPUs each model actor reserves (also its torch thread count, rounded up)",
                                 default=1.0)
     gpus_per_actor: float = doc("GPUs each model actor reserves (> 0 runs the model on CUDA)", default=0.0)
+    target_fpr: float = doc("false-positive rate the per-class thresholds are set for: the share of normal "
+                            "images called anomalous (score >= threshold)", default=0.01)
 
     def __post_init__(self) -> None:
         if self.actors < 1 or self.cpus_per_actor <= 0 or self.gpus_per_actor < 0:
@@ -209,6 +233,8 @@ class EvalConfig:
             raise ValueError(f"eval.max_ratio={self.max_ratio} must be in (0, 1]")
         if self.resize < 1 or self.batch_size < 1:
             raise ValueError("eval.resize and eval.batch_size must be at least 1")
+        if not 0.0 <= self.target_fpr < 1.0:
+            raise ValueError(f"eval.target_fpr={self.target_fpr} must be in [0, 1), e.g. 0.01")
 
 
 @dataclass(kw_only=True)

@@ -64,14 +64,16 @@ class ManifestDataset(Dataset):
         table = table_or_rows if isinstance(table_or_rows, pa.Table) else pa.Table.from_pylist(
             list(table_or_rows), schema=MANIFEST_SCHEMA)
         table = select(table, split=split)
-        self.rows = table.select(["image_uri", "mask_uri", "label", "category"]).to_pylist()
+        packed = ["shard_uri", "shard_row"] if "shard_uri" in table.column_names else []  # bytes in shards
+        self.rows = table.select(["image_uri", "mask_uri", "label", "category", *packed]).to_pylist()
         self.image_size, self.crop_size = model_config.image_size, model_config.crop_size
         self.with_masks = with_masks
         # data_config (data.strict, data.max_image_pixels, S3 endpoint) wins over the keyword defaults
         self.strict = data_config.strict if data_config is not None and strict is None else bool(strict)
         self.max_pixels = (data_config.max_image_pixels or None) if data_config is not None else max_pixels
         self.reader = RowReader(self.image_size, self.crop_size, keep_errors=not self.strict,
-                                max_pixels=self.max_pixels, storage=data_config, filesystem=filesystem)
+                                max_pixels=self.max_pixels, storage=data_config, filesystem=filesystem,
+                                fast_decode=data_config.fast_decode if data_config is not None else False)
         self.corrupt = CorruptFiles()
 
     def __len__(self) -> int:
@@ -80,7 +82,8 @@ class ManifestDataset(Dataset):
     def __getitem__(self, index: int) -> tuple | RowError:
         row = self.rows[index]
         wants_mask = self.with_masks and row["label"] and row["mask_uri"]
-        read = self.reader.read(row["image_uri"], row["mask_uri"] if wants_mask else None)
+        at = (row["shard_uri"], row["shard_row"]) if "shard_uri" in row else None
+        read = self.reader.read(row["image_uri"], row["mask_uri"] if wants_mask else None, at)
         if isinstance(read, RowError):
             return read
         mask = torch.zeros(1, self.crop_size, self.crop_size) if read.mask is None else mask_to_tensor(read.mask)

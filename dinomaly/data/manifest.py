@@ -37,6 +37,15 @@ MANIFEST_SCHEMA = pa.schema(
     metadata={"dinomaly_manifest": "1"},
 )
 SPLITS = ("train", "test")
+# A packed manifest (dinomaly.data.pack) adds where each row's bytes are: a shard file and the row inside it.
+PACKED_FIELDS = [pa.field("shard_uri", pa.string(), nullable=False), pa.field("shard_row", pa.int32(), nullable=False)]
+PACKED_SCHEMA = pa.schema(list(MANIFEST_SCHEMA) + PACKED_FIELDS, metadata=MANIFEST_SCHEMA.metadata)
+PACKED_LAYOUT_KEY = b"dinomaly_packed"  # Parquet metadata: the shard layout as JSON
+
+
+def is_packed(table: pa.Table) -> bool:
+    """True for the rows of a packed manifest: their image bytes live in Parquet shards, not at image_uri."""
+    return "shard_uri" in table.column_names
 
 
 def build_manifest(records: Iterable[ImageRecord]) -> pa.Table:
@@ -120,21 +129,30 @@ def write_manifest(table: pa.Table, uri: str, filesystem: pafs.FileSystem | None
     target = resolve_root(uri, filesystem, data_config)
     if not target.scheme:
         os.makedirs(os.path.dirname(target.base) or ".", exist_ok=True)
-    pq.write_table(table.cast(MANIFEST_SCHEMA), target.base, filesystem=target.fs)
+    schema = PACKED_SCHEMA if is_packed(table) else MANIFEST_SCHEMA
+    layout = (table.schema.metadata or {}).get(PACKED_LAYOUT_KEY)
+    if layout is not None:
+        schema = schema.with_metadata({**schema.metadata, PACKED_LAYOUT_KEY: layout})
+    pq.write_table(table.select(schema.names).cast(schema), target.base, filesystem=target.fs)
     logger.info("wrote manifest of %d images to %s", table.num_rows, target.uri)
     return target.uri
 
 
 def read_manifest(uri: str, filesystem: pafs.FileSystem | None = None,
                   data_config: DataConfig | None = None) -> pa.Table:
-    """Read and validate a manifest (local path or URI) -> table with exactly MANIFEST_SCHEMA."""
+    """Read and validate a manifest (local path or URI) -> table with exactly MANIFEST_SCHEMA (PACKED_SCHEMA and
+    the shard layout in its metadata for a packed manifest)."""
     source = resolve_root(uri, filesystem, data_config)
     if source.fs.get_file_info(source.base).type != pafs.FileType.File:
         raise FileNotFoundError(f"manifest {source.uri} not found; build it with "
-                                "`python pipelines/prepare_data.py --root <dataset> --out <manifest.parquet>`")
+                                "`python pipelines/prepare_data.py --data <dataset> --output <manifest.parquet>`")
     table = pq.read_table(source.base, filesystem=source.fs)
     validate_manifest(table)
-    return table.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
+    if not is_packed(table):
+        return table.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
+    layout = (table.schema.metadata or {}).get(PACKED_LAYOUT_KEY, b"{}")
+    schema = PACKED_SCHEMA.with_metadata({**PACKED_SCHEMA.metadata, PACKED_LAYOUT_KEY: layout})
+    return table.select(schema.names).cast(schema)
 
 
 def count_rows(table: pa.Table) -> list[dict]:

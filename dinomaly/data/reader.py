@@ -8,7 +8,13 @@ batch scoring (evaluate, predict). They share one error policy. A file is *unrea
     than max_pixels).
 With keep_errors=True an unreadable image or mask turns its row into a `RowError` (uri, reason) and the
 caller goes on with the rest of the batch; with keep_errors=False it raises CorruptImageError naming the
-file (data.strict). Any other exception is a bug and propagates.
+file (data.strict). A mask whose size differs from its image's raises MaskSizeError naming both files, in
+either mode: scoring against a stretched mask would give wrong metrics without a word. Any other exception
+is a bug and propagates.
+
+The bytes come from the file at the row's URI, or from a packed manifest's shard (`packed=(shard_uri,
+shard_row)`, dinomaly.data.pack: one ranged read per row group, kept for the next rows).
+With fast_decode, big JPEGs decode at a reduced DCT scale (dinomaly.data.transforms.fast_decode_scale).
 """
 
 from __future__ import annotations
@@ -22,13 +28,16 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from dinomaly.config import DataConfig
+from dinomaly.data.pack import read_packed_row
 from dinomaly.data.paths import read_bytes
 from dinomaly.data.storage import StorageOptions
 from dinomaly.data.transforms import (
     DEFAULT_MAX_PIXELS,
     CorruptImageError,
+    check_mask_size,
     decode_image,
     decode_mask,
+    original_size,
     resize_crop_image,
     resize_crop_mask,
 )
@@ -64,7 +73,8 @@ class RowReader:
     """Reads rows with the model's resize/crop; picklable, so the driver's settings travel to Ray workers.
 
     storage: S3 settings for s3:// URIs (a DataConfig, or StorageOptions resolved on the driver);
-    filesystem: a pyarrow filesystem that plain paths live in (None = the local disk).
+    filesystem: a pyarrow filesystem that plain paths live in (None = the local disk);
+    fast_decode: decode big JPEGs at a reduced DCT scale (data.fast_decode; off = the reference's pixels).
     """
 
     image_size: int
@@ -73,13 +83,26 @@ class RowReader:
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     storage: DataConfig | StorageOptions | None = None
     filesystem: pafs.FileSystem | None = None
+    fast_decode: bool = False
 
-    def read(self, uri: str, mask_uri: str | None = None) -> RowPixels | RowError:
-        """One row; the mask is read only when `mask_uri` is given."""
-        return self.decode(uri, self._fetch(uri), mask_uri, self._fetch(mask_uri))
+    def read(self, uri: str, mask_uri: str | None = None, packed: tuple[str, int] | None = None
+             ) -> RowPixels | RowError:
+        """One row; the mask is read only when `mask_uri` is given; `packed` = (shard_uri, shard_row) of a
+        packed manifest's row, whose bytes are read from the shard instead of `uri`."""
+        if packed is None:
+            return self.decode(uri, self._fetch(uri), mask_uri, self._fetch(mask_uri))
+        try:
+            data, mask_data = read_packed_row(packed[0], int(packed[1]), self.filesystem, self.storage)
+        except OSError as err:
+            return self.decode(uri, err, mask_uri, None)
+        return self.decode(uri, data, mask_uri, mask_data if mask_uri else None)
 
-    def read_many(self, rows: Sequence[tuple[str, str | None]]) -> list[RowPixels | RowError]:
-        """(image uri, mask uri or None) rows, fetched concurrently and decoded in order."""
+    def read_many(self, rows: Sequence[tuple[str, str | None]],
+                  packed: Sequence[tuple[str, int]] | None = None) -> list[RowPixels | RowError]:
+        """(image uri, mask uri or None) rows, fetched concurrently and decoded in order; `packed` gives each
+        row's (shard_uri, shard_row) for a packed manifest (rows in shard order share row-group reads)."""
+        if packed is not None:
+            return [self.read(uri, mask_uri, at) for (uri, mask_uri), at in zip(rows, packed)]
         global _FETCH_POOL
         if _FETCH_POOL is None:
             _FETCH_POOL = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="dinomaly-fetch")
@@ -95,19 +118,21 @@ class RowReader:
             for failed in (data, mask_data):
                 if isinstance(failed, OSError):
                     raise failed
-            image = decode_image(data, uri, self.max_pixels)
+            image = decode_image(data, uri, self.max_pixels, self.image_size if self.fast_decode else None)
             pixels = resize_crop_image(image, self.image_size, self.crop_size)
             mask = None
             if mask_data is not None:
-                mask = resize_crop_mask(decode_mask(mask_data, mask_uri, self.max_pixels), self.image_size,
-                                        self.crop_size)
+                mask_image = decode_mask(mask_data, mask_uri, self.max_pixels)
+                check_mask_size(original_size(image), mask_image.size, uri, mask_uri)
+                mask = resize_crop_mask(mask_image, self.image_size, self.crop_size)
         except UNREADABLE_ERRORS as err:
             reason = f"{type(err).__name__}: {err}"
             if not self.keep_errors:
                 raise CorruptImageError(f"unreadable file for image {uri} (data.strict=true): {reason}") from err
             logger.warning("unreadable image %s: %s", uri, reason)
             return RowError(uri, reason)
-        return RowPixels(pixels, image.height, image.width, mask)
+        width, height = original_size(image)
+        return RowPixels(pixels, height, width, mask)
 
     def _fetch(self, uri: str | None) -> bytes | OSError | None:
         if uri is None:

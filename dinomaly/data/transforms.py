@@ -34,6 +34,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # PIL's own default; images above it are refused before their pixels are decoded.
 DEFAULT_MAX_PIXELS = 89_478_485
 
+# Fast decoding keeps the DCT-reduced image at least this many times the resize target on each side: at 1x
+# (PIL's own draft rule) the reduced image differs from a full decode + resize by up to ~5 % of the range.
+FAST_DECODE_MARGIN = 2
+
 # What PIL raises on bytes that are not a complete image (UnidentifiedImageError is an OSError).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, IndexError, TypeError)
 
@@ -42,12 +46,28 @@ class CorruptImageError(ValueError):
     """The bytes are not a complete, decodable image (zero-byte, truncated, not an image)."""
 
 
+class MaskSizeError(ValueError):
+    """A mask whose size differs from its image's: it would be stretched onto the wrong pixels."""
+
+
+def check_mask_size(image_size: tuple[int, int], mask_size: tuple[int, int], uri: str, mask_uri: str) -> None:
+    """Raise MaskSizeError naming both files when a mask's (width, height) differs from its image's."""
+    if tuple(image_size) != tuple(mask_size):
+        raise MaskSizeError(f"mask {mask_uri} is {mask_size[0]}x{mask_size[1]} but its image {uri} is "
+                            f"{image_size[0]}x{image_size[1]}; a mask must cover its image pixel for pixel: "
+                            "re-export the mask at the image's size or fix the mask's file name")
+
+
 class ImageTooLargeError(CorruptImageError):
     """The image header announces more pixels than allowed (decompression-bomb guard)."""
 
 
-def _open_fully(data: bytes, uri: str, max_pixels: int | None) -> Image.Image:
-    """Open and fully decode `data`; every failure becomes a CorruptImageError naming `uri`."""
+def _open_fully(data: bytes, uri: str, max_pixels: int | None, draft_px: int | None = None) -> Image.Image:
+    """Open and fully decode `data`; every failure becomes a CorruptImageError naming `uri`.
+
+    draft_px: let a JPEG decode at a reduced DCT scale (see fast_decode_scale); other formats ignore it.
+    The returned image's `info["original_size"]` is the (width, height) stored in the file.
+    """
     where = f" ({uri})" if uri else ""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"expected the file's bytes, got {type(data).__name__}{where}")
@@ -62,6 +82,10 @@ def _open_fully(data: bytes, uri: str, max_pixels: int | None) -> Image.Image:
         if max_pixels is not None and width * height > max_pixels:
             raise ImageTooLargeError(f"image of {width}x{height} = {width * height} pixels exceeds "
                                      f"max_pixels={max_pixels}{where}; raise the limit if the file is trusted")
+        image.info["original_size"] = (width, height)
+        scale = fast_decode_scale(width, height, draft_px) if draft_px and image.format == "JPEG" else 1
+        if scale > 1:
+            image.draft(image.mode, (width // scale, height // scale))
         image.load()  # Image.open only reads the header; force the full decode so truncation shows here
     except Image.DecompressionBombError as err:
         raise ImageTooLargeError(f"decompression bomb refused by PIL{where}: {err}") from err
@@ -73,15 +97,39 @@ def _open_fully(data: bytes, uri: str, max_pixels: int | None) -> Image.Image:
     return image
 
 
-def decode_image(data: bytes, uri: str = "", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def fast_decode_scale(width: int, height: int, target_px: int) -> int:
+    """The largest JPEG DCT reduction (1, 2, 4 or 8) whose image still has FAST_DECODE_MARGIN x target_px
+    pixels on each side, so the bilinear resize to target_px still shrinks it (measured: tests/test_transforms.py,
+    benchmarks/decode.py)."""
+    for scale in (8, 4, 2):
+        if min(width, height) >= scale * FAST_DECODE_MARGIN * target_px:
+            return scale
+    return 1
+
+
+def original_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of the file an image was decoded from, before any DCT reduction."""
+    return image.info.get("original_size", image.size)
+
+
+def decode_image(data: bytes, uri: str = "", max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 draft_px: int | None = None) -> Image.Image:
     """Bytes -> fully decoded PIL RGB image, converted exactly as the reference (`.convert('RGB')`).
+
+    draft_px (fast decoding, None = off): a JPEG at least FAST_DECODE_MARGIN x 2 x draft_px on its short side
+    is decoded at 1/2, 1/4 or 1/8 scale (PIL `Image.draft`), then resized as usual; `original_size` gives the
+    file's size. PNG, TIFF, BMP and WebP always decode in full.
 
     Raises CorruptImageError (a ValueError) for zero-byte, truncated and non-image data, and
     ImageTooLargeError when width*height > max_pixels (None disables our check; PIL's own
     hard limit of 2x Image.MAX_IMAGE_PIXELS still applies).
     Reference: dataset.py MVTecDataset.__getitem__ `Image.open(img_path).convert('RGB')` @c5c76d0
     """
-    return _open_fully(data, uri, max_pixels).convert("RGB")
+    image = _open_fully(data, uri, max_pixels, draft_px)
+    size = original_size(image)
+    rgb = image.convert("RGB")
+    rgb.info["original_size"] = size
+    return rgb
 
 
 def decode_mask(data: bytes, uri: str = "", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -128,8 +176,8 @@ def resize_crop_image(image: Image.Image, image_size: int, crop_size: int) -> np
 def resize_crop_mask(mask: Image.Image, image_size: int, crop_size: int) -> np.ndarray:
     """PIL 'L' mask -> uint8 [crop, crop]: bilinear resize (edges become fractional), centre crop.
 
-    The mask is resized to image_size on its own, whatever its original size, exactly as the
-    reference does: a mask of a different size than its image is stretched, never rejected.
+    The reference would stretch a mask of another size than its image; dinomaly.data.reader refuses such
+    a mask first (check_mask_size).
     """
     if mask.mode != "L":
         raise ValueError(f"resize_crop_mask expects an 'L' mask, got mode {mask.mode}; use decode_mask")

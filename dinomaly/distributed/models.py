@@ -19,6 +19,7 @@ from dinomaly.checkpoint import CONFIG_FILE, MODEL_FILE
 from dinomaly.config import Config
 from dinomaly.data.storage import filesystem_for, split_uri
 from dinomaly.distributed.tracking import resolve_tracking_uri
+from dinomaly.export.predictor import is_exported
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ _REGISTRY_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<a
 
 @dataclass
 class ResolvedModel:
-    """A local checkpoint directory and what the registry (if any) says about it."""
+    """A local checkpoint directory (or an exported model file) and what the registry (if any) says about it."""
 
     directory: Path
     name: str = ""
@@ -112,7 +113,9 @@ def resolve_model(uri: str, config: Config) -> ResolvedModel:
     if scheme:
         return _from_object_store(uri, config)
     directory = Path(path)
+    if directory.is_file() and is_exported(directory):  # pipelines/export.py's model.onnx / model.xml
+        return ResolvedModel(directory=directory, source=str(directory))
     if not directory.is_dir():
-        raise FileNotFoundError(f"model {uri!r} is not a directory; pass a checkpoint directory, an s3:// prefix "
+        raise FileNotFoundError(f"model {uri!r} is not a directory; pass a checkpoint directory, an exported model.onnx, an s3:// prefix "
                                 "or models:/<name>@<alias>")
     return ResolvedModel(directory=_checkpoint_in(directory, uri), source=str(directory))

@@ -10,7 +10,8 @@ training files into the same run through the same logger.
 Logged: the flattened config and git commit as params; loss, lr, p, grad_norm, images/s and the data-wait
 fraction per log step; per-class and mean metrics per evaluation (`test/<class>/<metric>`); artifacts
 config.yaml, per_class.csv, per_class.md, heatmaps.png, checkpoint/; and a Model Registry version whose
-source is the logged checkpoint directory, tagged with the mean metrics and the thresholds.
+source is the logged checkpoint directory, tagged with the mean metrics and the thresholds (with
+train.keep_best also best_checkpoint/ and its own version, tagged checkpoint=best).
 """
 
 from __future__ import annotations
@@ -130,6 +131,9 @@ class NullRunLogger:
                   tags: dict[str, Any]) -> str | None:
         return None
 
+    def log_checkpoint(self, checkpoint_dir: str | Path, artifact_path: str, tags: dict[str, Any]) -> str | None:
+        return None
+
 
 class RunLogger(NullRunLogger):
     """Logs into an open MLflow run from a Ray Train worker (rank 0)."""
@@ -170,13 +174,17 @@ class RunLogger(NullRunLogger):
             with tempfile.TemporaryDirectory() as tmp:
                 heatmaps.save(Path(tmp) / "heatmaps.png")
                 client.log_artifact(run_id, str(Path(tmp) / "heatmaps.png"))
-        client.log_artifacts(run_id, str(checkpoint_dir), "checkpoint")
         client.set_tag(run_id, "checkpoint_artifact", "checkpoint")
+        return self.log_checkpoint(checkpoint_dir, "checkpoint", tags)
+
+    def log_checkpoint(self, checkpoint_dir: str | Path, artifact_path: str, tags: dict[str, Any]) -> str | None:
+        """The checkpoint folder as artifact `artifact_path`, registered from there (when a model name is set)."""
+        self.client.log_artifacts(self.run_id, str(checkpoint_dir), artifact_path)
         if not self.registered_model_name:
             return None
-        return self._register(tags)
+        return self._register(tags, artifact_path)
 
-    def _register(self, tags: dict[str, Any]) -> str:
+    def _register(self, tags: dict[str, Any], artifact_path: str = "checkpoint") -> str:
         from mlflow.exceptions import MlflowException
 
         name = self.registered_model_name
@@ -186,11 +194,29 @@ class RunLogger(NullRunLogger):
             self.client.create_registered_model(
                 name, description="Dinomaly anomaly detector; the version source is a dinomaly checkpoint "
                                   "directory (load with dinomaly.checkpoint.load)")
-        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/checkpoint"
+        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
         version = self.client.create_model_version(name, source=source, run_id=self.run_id,
                                                    tags={k: str(v) for k, v in tags.items()})
         logger.info("registered %s version %s from %s", name, version.version, source)
         return version.version
+
+
+def register_checkpoint(config: Config, run_name: str, checkpoint_dir: str | Path, tags: dict[str, Any]
+                        ) -> tuple[str, str]:
+    """On the driver: a new MLflow run holding `checkpoint_dir` as its checkpoint artifact, and a new registry
+    version of tracking.registered_model_name from it (a model recalibrated without retraining); (run id,
+    version). config.tracking.tracking_uri must already be resolved."""
+    run_id = open_run(config, run_name)
+    logger_ = RunLogger(config.tracking.tracking_uri, run_id, config.tracking.registered_model_name)
+    try:
+        logger_.client.log_artifacts(run_id, str(checkpoint_dir), "checkpoint")
+        logger_.client.set_tag(run_id, "checkpoint_artifact", "checkpoint")
+        version = logger_._register(tags)
+    except BaseException:
+        close_run(config.tracking.tracking_uri, run_id, succeeded=False)
+        raise
+    close_run(config.tracking.tracking_uri, run_id)
+    return run_id, version
 
 
 def run_logger(config: Config, run_id: str | None, rank: int) -> NullRunLogger:

@@ -26,12 +26,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from dinomaly.calibration import ThresholdTable, labelled_summary, stored_table
 from dinomaly.config import Config
 from dinomaly.data.manifest import load_manifest, select
-from dinomaly.distributed.batch.scoring import ModelBundle, ScoreSpec, score_rows
+from dinomaly.distributed.batch.scoring import ModelBundle, ScoreSpec, add_decisions, score_rows
 from dinomaly.metrics import METRIC_NAMES, MetricAccumulator
 from dinomaly.results import MetricsRecord, replace_atomically, write_metrics_json
-from dinomaly.tables import format_csv, format_markdown, format_table, per_class_table
+from dinomaly.tables import format_csv, format_decision_table, format_markdown, format_table, per_class_table
 from dinomaly.thresholds import f1_optimal_threshold, normal_quantile_threshold
 
 logger = logging.getLogger(__name__)
@@ -49,9 +50,10 @@ def test_rows(config: Config) -> pa.Table:
                                       "i": pa.array(np.arange(table.num_rows))}),
                             sort_keys=[("c", "ascending"), ("i", "ascending")])
     table = table.take(order)
+    packed = ("shard_uri", "shard_row") if "shard_uri" in table.column_names else ()  # where packed bytes are
     return pa.table({"uri": table.column("image_uri"), "mask_uri": table.column("mask_uri"),
                      "label": table.column("label"), "category": table.column("category"),
-                     "defect": table.column("defect")})
+                     "defect": table.column("defect"), **{name: table.column(name) for name in packed}})
 
 
 @dataclass(order=True)
@@ -162,8 +164,10 @@ def evaluate(bundle_ref, config: Config, table: pa.Table, heatmaps: int = 0) -> 
     return EvalResult(results, scores, streams.examples, seconds, streams.peak_metric_bytes)
 
 
-def thresholds(scores: pa.Table, config: Config) -> dict[str, Any]:
-    """Image-score thresholds over the readable test images, pooled and per class (training's names)."""
+def thresholds(scores: pa.Table, config: Config, table: ThresholdTable | None = None) -> dict[str, Any]:
+    """Image-score thresholds over the readable test images, pooled and per class (training's names), and the
+    FPR and recall per class at the model's own threshold table (`table`; without one, a table at
+    eval.target_fpr from the test split's normals, marked 'test-normals') next to the test-tuned F1-optimal."""
     ok = scores.filter(pc.equal(scores.column("error"), ""))
     labels, values = ok.column("label").to_numpy(), ok.column("score").to_numpy()
     categories = np.asarray(ok.column("category").to_pylist(), dtype=object)
@@ -174,16 +178,20 @@ def thresholds(scores: pa.Table, config: Config) -> dict[str, Any]:
         pick = categories == name
         per_class[name] = {"image_f1_optimal": f1_optimal_threshold(labels[pick], values[pick])[0],
                            "image_normal_quantile": normal_quantile_threshold(labels[pick], values[pick], quantile)}
+    by_class = {name: categories == name for name in per_class}
+    summary = labelled_summary({n: labels[pick] for n, pick in by_class.items()},
+                               {n: values[pick] for n, pick in by_class.items()}, config.eval.target_fpr,
+                               config.train.seed, table=table)
     return {"image_f1_optimal": best, "image_f1_at_threshold": f1,
             "image_normal_quantile": normal_quantile_threshold(labels, values, quantile), "normal_quantile": quantile,
-            "per_class": per_class}
+            "per_class": per_class, **summary}
 
 
 def metrics_record(result: EvalResult, bundle: ModelBundle, config: Config) -> MetricsRecord:
     """What metrics.json holds for an evaluation (the layout of dinomaly.results, NaN written as null)."""
     images = result.scores.num_rows
     return MetricsRecord.from_rows(
-        "evaluate", result.rows, thresholds(result.scores, config),
+        "evaluate", result.rows, thresholds(result.scores, config, stored_table(bundle.metadata, bundle.tags)),
         model={"source": bundle.source, "name": bundle.name, "version": bundle.version},
         data=config.data.root,
         settings={"aupro": config.eval.aupro, "pixel_metrics": config.eval.pixel_metrics,
@@ -211,33 +219,40 @@ def write_evaluation_files(result: EvalResult, bundle: ModelBundle, config: Conf
              "per_class.md": format_markdown(result.rows) + "\n"}
     for name, text in texts.items():
         replace_atomically(output / name, lambda path, text=text: path.write_text(text))
-    replace_atomically(output / "scores.parquet", lambda path: pq.write_table(result.scores, path))
+    # + class, threshold, verdict, normalised score: the model's own thresholds (as served); a model without
+    # any is decided by the table metrics.json reports (from the test split's normals, marked as such)
+    fallback = (info.get("thresholds") or {}).get("calibration")
+    table = bundle.thresholds() or (ThresholdTable.from_dict(fallback) if fallback else None)
+    decided = add_decisions(result.scores, table)
+    replace_atomically(output / "scores.parquet", lambda path: pq.write_table(decided, path))
     if result.examples:
-        write_heatmaps(result.examples, config, output / "heatmaps", bundle.threshold())
+        write_heatmaps(result.examples, config, output / "heatmaps", table)
     return info
 
 
 def write_heatmaps(examples: dict[tuple[str, int], list[Example]], config: Config, folder: Path,
-                   threshold: float | None = None) -> list[Path]:
+                   thresholds: ThresholdTable | None = None) -> list[Path]:
     """One overlay PNG per kept image (re-read and cropped here) and one grid per class.
 
     Files: <class>/normal_<rank>_<name>.png (highest-scored normal images: likely false alarms),
     <class>/defect_<rank>_<name>.png (highest-scored defective images), <class>/grid.png. Every map is
-    coloured on one scale tied to the model's `threshold` (dinomaly.heatmap.colour_scale; without one, the
-    highest value over all kept maps), so images compare across classes. An image that can no longer be
-    read is left out, with a warning.
+    coloured on a fixed scale tied to its class's threshold in `thresholds` (dinomaly.heatmap.colour_scale: the
+    threshold is mid-ramp in every class; without thresholds, the highest value over all kept maps). An image
+    that can no longer be read is left out, with a warning.
     """
     from dinomaly.data.reader import RowError, RowReader
     from dinomaly.distributed.batch.scoring import heatmap_name
     from dinomaly.heatmap import colour_scale, encode_png, grid, png_bytes
+    from dinomaly.serving_api import class_thresholds
 
     reader = RowReader(config.model.image_size, config.model.crop_size, keep_errors=True,
                        max_pixels=config.data.max_image_pixels or None, storage=config.data)
-    scale = colour_scale(threshold, [ex.anomaly_map for kept in examples.values() for ex in kept])
+    fallback = colour_scale(None, [ex.anomaly_map for kept in examples.values() for ex in kept])
     written = []
     for name, group in itertools.groupby(sorted(examples), key=lambda key: key[0]):
         (folder / name).mkdir(parents=True, exist_ok=True)
         shown, images, captions = [], [], []
+        scale = colour_scale(class_thresholds(thresholds, [name])[1][0]) if thresholds is not None else fallback
         for _, label in group:
             for rank, ex in enumerate(sorted(examples[(name, label)], reverse=True)):
                 read = reader.read(ex.uri)
@@ -311,6 +326,9 @@ def run(bundle: ModelBundle, table: pa.Table, output: str | Path | None = None, 
         result = evaluate(ray.put(bundle), bundle.config, table, heatmaps=heatmaps)
         info = write_evaluation_files(result, bundle, bundle.config, output)
         print(format_table(result.rows))
+        if info["thresholds"].get("decisions"):
+            print(f"\nthresholds at their target FPR, on this labelled test split:\n"
+                  f"{format_decision_table(info['thresholds']['decisions'])}")
         print(f"{info['images']} test images ({len(info['unreadable'])} unreadable) in {result.seconds:.1f} s; "
               f"results in {output}")
         if mlflow:

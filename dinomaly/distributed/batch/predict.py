@@ -29,18 +29,21 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from dinomaly.calibration import ClassThreshold, ThresholdTable
 from dinomaly.config import Config
 from dinomaly.data.records import is_image
 from dinomaly.data.storage import StorageOptions, filesystem_for, list_files, split_uri
-from dinomaly.distributed.batch.scoring import ModelBundle, ScoreSpec, score_rows
+from dinomaly.distributed.batch.scoring import ModelBundle, ScoreSpec, decision_columns, score_rows
 
 logger = logging.getLogger(__name__)
 
 RESULT_SCHEMA = pa.schema([
     pa.field("uri", pa.string(), nullable=False),
-    pa.field("score", pa.float32()),  # null on error
-    pa.field("is_anomalous", pa.bool_()),  # score >= threshold; null on error
+    pa.field("score", pa.float32()),  # raw image score; null on error
+    pa.field("class", pa.string(), nullable=False),  # whose threshold decided: the manifest's class, or 'global'
     pa.field("threshold", pa.float32(), nullable=False),
+    pa.field("is_anomalous", pa.bool_()),  # score >= threshold; null on error
+    pa.field("normalised_score", pa.float32()),  # score / threshold: 1.0 = the boundary; null on error
     pa.field("peak_row", pa.float32()),  # centroid of the top-1% map pixels, ORIGINAL image pixels
     pa.field("peak_col", pa.float32()),
     pa.field("peak_row_map", pa.float32()),  # the same in final-map pixels (eval.resize x eval.resize)
@@ -56,6 +59,20 @@ RUN_FILE, SUMMARY_FILE, HEATMAP_DIR, RESULTS_DIR = "run.json", "summary.json", "
 INCOMPLETE_DIR = ".incomplete"
 
 
+def list_classes(input_uri: str, config: Config) -> dict[str, str]:
+    """uri -> class from a manifest's category (or class) column; {} for a folder or a list without one."""
+    if not input_uri.endswith(".parquet"):
+        return {}
+    fs, path = filesystem_for(input_uri, config.data)
+    names = pq.read_schema(path, filesystem=fs).names
+    uri_column = next((c for c in ("image_uri", "uri") if c in names), None)
+    class_column = next((c for c in ("category", "class") if c in names), None)
+    if uri_column is None or class_column is None:
+        return {}
+    table = pq.read_table(path, filesystem=fs, columns=[uri_column, class_column])
+    return dict(zip(table.column(uri_column).to_pylist(), table.column(class_column).to_pylist()))
+
+
 def list_inputs(input_uri: str, config: Config) -> list[str]:
     """Image URIs: every image file under a folder / prefix (by extension), or a Parquet's image_uri/uri column."""
     if input_uri.endswith(".parquet"):
@@ -66,7 +83,7 @@ def list_inputs(input_uri: str, config: Config) -> list[str]:
             raise ValueError(f"{input_uri} has no image_uri or uri column (columns: {table.column_names}); "
                              "pass a manifest from pipelines/prepare_data.py or a Parquet list of URIs")
         return list(dict.fromkeys(table.column(column).to_pylist()))
-    files = list_files(input_uri, data_config=config.data)
+    files = list_files(input_uri, data_config=config.data)  # a folder has no classes: the global threshold
     images = [uri for uri in files if is_image(uri.rsplit("/", 1)[-1])]
     if len(images) < len(files):
         logger.info("%d files under %s are not images by extension and are not scored", len(files) - len(images),
@@ -168,9 +185,10 @@ def prepare_output(store: OutputStore, run: dict[str, Any], overwrite: bool) -> 
     return set(store.results(["uri"]).column("uri").to_pylist())
 
 
-def _result_rows(batch: dict[str, np.ndarray], threshold: float) -> pa.Table:
+def _result_rows(batch: dict[str, np.ndarray], thresholds: ThresholdTable) -> pa.Table:
     ok = batch["error"] == ""
     scores = batch["score"]
+    classes = batch["category"].tolist() if "category" in batch else [None] * len(ok)
 
     def masked(values, dtype):
         return pa.array(values, type=dtype, mask=~ok)
@@ -178,8 +196,7 @@ def _result_rows(batch: dict[str, np.ndarray], threshold: float) -> pa.Table:
     return pa.table({
         "uri": pa.array(batch["uri"].tolist(), pa.string()),
         "score": masked(scores, pa.float32()),
-        "is_anomalous": masked(scores >= threshold, pa.bool_()),
-        "threshold": pa.array(np.full(len(ok), threshold, np.float32)),
+        **decision_columns(scores, classes, thresholds, ok),
         **{k: masked(batch[k], pa.float32()) for k in ("peak_row", "peak_col", "peak_row_map", "peak_col_map")},
         "height": masked(batch["height"], pa.int32()), "width": masked(batch["width"], pa.int32()),
         "heatmap_uri": pa.array([h or None for h in batch["heatmap_uri"].tolist()], pa.string()),
@@ -217,27 +234,35 @@ class PredictSummary:
         return {**asdict(self), "images_per_s": self.images_per_s, "anomaly_rate": rate if rate == rate else None}
 
 
-def predict(bundle_ref, bundle: ModelBundle, config: Config, inputs: list[str], output_uri: str, threshold: float,
-            heatmaps: bool = False, overwrite: bool = False, rows_per_file: int = 2000,
-            progress: bool = False) -> PredictSummary:
-    """Score `inputs` that are not yet in `output_uri`; write Parquet parts as results stream in."""
+def predict(bundle_ref, bundle: ModelBundle, config: Config, inputs: list[str], output_uri: str,
+            threshold: float | ThresholdTable, heatmaps: bool = False, overwrite: bool = False,
+            rows_per_file: int = 2000, progress: bool = False, classes: dict[str, str] | None = None
+            ) -> PredictSummary:
+    """Score `inputs` that are not yet in `output_uri`; write Parquet parts as results stream in.
+
+    threshold: the model's thresholds (a number = one global threshold); classes: uri -> class, whose
+    threshold then decides (a class the table lacks, or no class, uses the global threshold)."""
     from dinomaly.distributed.resources import wait_for_batch_resources
 
     wait_for_batch_resources(config, "predict")  # the actor pool's CPUs/GPUs, within cluster.start_timeout_s
+    table = threshold if isinstance(threshold, ThresholdTable) else ThresholdTable(ClassThreshold(threshold, "given"))
     store = OutputStore(output_uri, config)
-    run = {"model": bundle.source, "model_version": bundle.version, "threshold": threshold, "heatmaps": heatmaps}
+    run = {"model": bundle.source, "model_version": bundle.version, "thresholds": table.to_dict(),
+           "heatmaps": heatmaps}
     done = prepare_output(store, run, overwrite)
     todo = [uri for uri in inputs if uri not in done]
     logger.info("%d images to score, %d already in %s", len(todo), len(inputs) - len(todo), store.uri)
     spec = ScoreSpec(keep_maps=False, storage=StorageOptions.resolve(config.data),
                      heatmap_uri=f"{store.uri}/{HEATMAP_DIR}" if heatmaps else "", staging_dir=store.incomplete,
-                     heatmap_threshold=threshold)
+                     heatmap_thresholds=table)
     counts = {"scored": 0, "errors": 0, "anomalous": 0}
     start, run_id = time.perf_counter(), f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
     if todo:
-        dataset = score_rows(pa.table({"uri": pa.array(todo, pa.string())}), bundle_ref, config, spec,
-                             with_masks=False)
-        _stream(dataset, store, threshold, counts, run_id, rows_per_file, len(todo), progress)
+        rows = {"uri": pa.array(todo, pa.string())}
+        if classes:
+            rows["category"] = pa.array([classes.get(uri) for uri in todo], pa.string())
+        dataset = score_rows(pa.table(rows), bundle_ref, config, spec, with_masks=False)
+        _stream(dataset, store, table, counts, run_id, rows_per_file, len(todo), progress)
     totals = store.results(["error", "is_anomalous"])
     result = PredictSummary(
         output=store.uri, inputs=len(inputs), skipped=len(inputs) - len(todo), seconds=time.perf_counter() - start,
@@ -248,7 +273,7 @@ def predict(bundle_ref, bundle: ModelBundle, config: Config, inputs: list[str], 
     return result
 
 
-def _stream(dataset, store: OutputStore, threshold: float, counts: dict[str, int], run_id: str,
+def _stream(dataset, store: OutputStore, thresholds: ThresholdTable, counts: dict[str, int], run_id: str,
             rows_per_file: int, total: int, progress: bool) -> None:
     from tqdm import tqdm
 
@@ -256,7 +281,7 @@ def _stream(dataset, store: OutputStore, threshold: float, counts: dict[str, int
     pending_rows = part = 0
     with tqdm(total=total, unit="img", disable=not progress, desc="scoring") as bar:
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-            rows = _result_rows(batch, threshold)
+            rows = _result_rows(batch, thresholds)
             errors = int(pc.count(rows.column("error")).as_py())
             counts["errors"] += errors
             counts["scored"] += rows.num_rows - errors
@@ -276,29 +301,34 @@ def _stream(dataset, store: OutputStore, threshold: float, counts: dict[str, int
 
 @dataclass
 class PredictJob:
-    """A checked bulk-scoring job: the model, its verdict threshold (and where it came from), the inputs."""
+    """A checked bulk-scoring job: the model, its thresholds (each saying where it came from), the inputs
+    and their classes (uri -> class, from a manifest)."""
 
     bundle: ModelBundle
-    threshold: float
-    threshold_source: str
+    thresholds: ThresholdTable
     inputs: list[str]
+    classes: dict[str, str]
 
 
 def prepare(model: str, input_uri: str, preset: str | None, overrides: list[str], threshold: float | None,
             rows_per_file: int) -> PredictJob:
     """Everything checked before any Ray work; ValueError/OSError name the fix."""
     from dinomaly.distributed.batch.scoring import load_bundle
-    from dinomaly.serving_api import resolve_threshold
+    from dinomaly.serving_api import resolve_thresholds
 
     if rows_per_file < 1:
         raise ValueError(f"--rows-per-file {rows_per_file} must be at least 1")
     bundle = load_bundle(model, preset, overrides)
     try:
-        value, source = resolve_threshold(threshold, bundle.config.serve.threshold_method, bundle.metadata,
-                                          bundle.tags)
+        table = resolve_thresholds(threshold, bundle.config.serve.threshold_method, bundle.metadata, bundle.tags)
     except ValueError as err:
         raise ValueError(f"{err} (pass --threshold)") from err
-    return PredictJob(bundle, value, source, list_inputs(input_uri, bundle.config))
+    classes = list_classes(input_uri, bundle.config)
+    unknown = sorted({c for c in classes.values() if c is not None} - set(table.classes))
+    if unknown:
+        logger.warning("classes %s have no threshold of their own in this model (it knows %s); their images are "
+                       "decided by the global threshold", unknown, sorted(table.classes) or "none")
+    return PredictJob(bundle, table, list_inputs(input_uri, bundle.config), classes)
 
 
 def run(job: PredictJob, output_uri: str, *, heatmaps: bool = False, overwrite: bool = False,
@@ -313,17 +343,19 @@ def run(job: PredictJob, output_uri: str, *, heatmaps: bool = False, overwrite: 
 
     started = ensure_ray()
     try:
-        summary = predict(ray.put(job.bundle), job.bundle, job.bundle.config, job.inputs, output_uri, job.threshold,
-                          heatmaps=heatmaps, overwrite=overwrite, rows_per_file=rows_per_file,
-                          progress=sys.stderr.isatty())
+        summary = predict(ray.put(job.bundle), job.bundle, job.bundle.config, job.inputs, output_uri,
+                          job.thresholds, heatmaps=heatmaps, overwrite=overwrite, rows_per_file=rows_per_file,
+                          progress=sys.stderr.isatty(), classes=job.classes)
     except ValueError as err:  # an output of another run without --overwrite
         raise UsageError(str(err)) from err
     finally:
         if started:
             ray.shutdown()
+    used = job.thresholds.global_threshold
     rate = f"{summary.anomaly_rate:.1%}" if summary.anomaly_rate == summary.anomaly_rate else "n/a"
     print(f"{summary.inputs} images: {summary.skipped} already scored, {summary.scored} scored and {summary.errors} "
-          f"unreadable now ({summary.images_per_s:.1f} images/s); threshold {job.threshold:.6g} "
-          f"({job.threshold_source}); output {summary.output}: {summary.total_rows} rows, {summary.total_errors} "
+          f"unreadable now ({summary.images_per_s:.1f} images/s); global threshold {used.threshold:.6g} "
+          f"({used.source}), {len(job.thresholds.classes)} class thresholds; output {summary.output}: "
+          f"{summary.total_rows} rows, {summary.total_errors} "
           f"unreadable, anomaly rate {rate}")
     return summary

@@ -23,15 +23,19 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
+from dinomaly.calibration import ThresholdTable
 from dinomaly.checkpoint import load, load_official
-from dinomaly.config import Config, DinomalyConfig, apply_overrides, load_config
+from dinomaly.config import Config, DinomalyConfig, apply_overrides, from_dict, load_config
 from dinomaly.data.reader import RowError, RowReader
 from dinomaly.data.storage import StorageOptions, filesystem_for, split_uri
-from dinomaly.data.transforms import mask_to_tensor, normalize
+from dinomaly.data.transforms import mask_to_tensor
+from dinomaly.export.predictor import OnnxPredictor, exported_files, is_exported
 from dinomaly.heatmap import colour_scale, peak_location, png_bytes
 from dinomaly.inference import Predictor, resize_masks
+from dinomaly.serving_api import class_thresholds, resolve_thresholds
 
 logger = logging.getLogger(__name__)
 
@@ -52,17 +56,32 @@ class ModelBundle:
     version: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
+    exported: dict[str, bytes] = field(default_factory=dict)  # an exported model's files (then no state_dict)
 
-    def threshold(self) -> float | None:
-        """The model's image threshold as the service finds it (serve.threshold, registry tags, checkpoint
-        metadata; serve.threshold_method), or None when it carries none (e.g. official weights)."""
-        from dinomaly.serving_api import resolve_threshold
-
+    def thresholds(self) -> ThresholdTable | None:
+        """The model's thresholds as the service finds them (per-class table, else the single threshold;
+        serve.threshold replaces the global one), or None when it carries none (e.g. official weights)."""
         serve = self.config.serve
         try:
-            return resolve_threshold(serve.threshold, serve.threshold_method, self.metadata, self.tags)[0]
+            return resolve_thresholds(serve.threshold, serve.threshold_method, self.metadata, self.tags)
         except ValueError:
             return None
+
+
+def decision_columns(scores: np.ndarray, classes: list[str | None], table: ThresholdTable | None,
+                     ok: np.ndarray) -> dict[str, pa.Array]:
+    """The readable verdict of each row: class used, threshold, is_anomalous, normalised score (score /
+    threshold, 1.0 = the boundary). Null where the row was not scored (~ok) or the model has no threshold."""
+    count = len(scores)
+    if table is None:
+        nulls = np.ones(count, bool)
+        return {"class": pa.nulls(count, pa.string()), "threshold": pa.nulls(count, pa.float32()),
+                "is_anomalous": pa.array(np.zeros(count, bool), mask=nulls),
+                "normalised_score": pa.nulls(count, pa.float32())}
+    used, values = class_thresholds(table, classes)
+    return {"class": pa.array(used, pa.string()), "threshold": pa.array(values, pa.float32()),
+            "is_anomalous": pa.array(scores >= values, pa.bool_(), mask=~ok),
+            "normalised_score": pa.array(scores / values, pa.float32(), mask=~ok)}
 
 
 def _as_config(saved: Config | DinomalyConfig) -> Config:
@@ -77,6 +96,8 @@ def load_bundle(model: str, preset: str | None = None, overrides: list[str] | No
     the other sections come from `preset` when given, else from the checkpoint; `overrides` go on top.
     """
     overrides = list(overrides or [])
+    if is_exported(model):
+        return _exported_bundle(model, preset, overrides)
     if Path(model).suffix.lower() in OFFICIAL_SUFFIXES:
         if not preset:
             raise ValueError(f"{model} looks like official Dinomaly weights; pass --config with the preset that "
@@ -104,6 +125,20 @@ def load_bundle(model: str, preset: str | None = None, overrides: list[str] | No
                        metadata=loaded.metadata, tags=resolved.tags)
 
 
+def _exported_bundle(model: str, preset: str | None, overrides: list[str]) -> ModelBundle:
+    """pipelines/export.py's model.onnx / model.xml: config and metadata from the file, which ships whole."""
+    from dinomaly.export import read_metadata
+
+    values = read_metadata(model)
+    saved = from_dict(Config, values["config"])
+    config = replace(load_config(preset, overrides) if preset else saved, model=saved.model)
+    config = apply_overrides(config, overrides) if overrides else config
+    info = values.get("model", {})
+    return ModelBundle(config=config, state_dict={}, source=str(model), name=info.get("name") or saved.name,
+                       version=info.get("version") or "exported", metadata=values.get("metadata", {}),
+                       tags=info.get("tags", {}), exported=exported_files(model))
+
+
 def build_model(model_config: DinomalyConfig, state_dict: dict[str, torch.Tensor], device: str):
     """The model from a bundle's state dict, strictly, in eval mode on `device`."""
     from dinomaly.model.dinomaly import Dinomaly
@@ -127,7 +162,8 @@ def read_rows(batch: dict[str, np.ndarray], reader: RowReader, map_size: int, wi
     count, crop = len(batch["uri"]), reader.crop_size
     mask_uris = [(batch["mask_uri"][i] or None) if with_masks and int(batch["label"][i]) == 1 else None
                  for i in range(count)]
-    read = reader.read_many([(str(uri), mask_uri) for uri, mask_uri in zip(batch["uri"], mask_uris)])
+    packed = list(zip(batch["shard_uri"], batch["shard_row"])) if "shard_uri" in batch else None
+    read = reader.read_many([(str(uri), mask_uri) for uri, mask_uri in zip(batch["uri"], mask_uris)], packed)
     images = np.zeros((count, crop, crop, 3), dtype=np.uint8)
     heights, widths = np.zeros(count, np.int32), np.zeros(count, np.int32)
     errors = np.full(count, "", dtype=object)
@@ -155,7 +191,7 @@ class ScoreSpec:
     keep_maps: bool
     storage: StorageOptions = field(default_factory=StorageOptions)  # resolved on the driver
     heatmap_uri: str = ""  # '' = no heatmaps; else a folder / s3:// prefix for <stem>-<hash>.png
-    heatmap_threshold: float | None = None  # the model's threshold: colour scale (dinomaly.heatmap.colour_scale)
+    heatmap_thresholds: ThresholdTable | None = None  # colour scale per row's class (dinomaly.heatmap.colour_scale)
     staging_dir: str = ""  # local folder where a PNG is written before its rename into heatmap_uri; '' = in place
 
 
@@ -175,8 +211,10 @@ class ModelScorer:
         cfg = bundle.config.eval
         torch.set_num_threads(max(1, math.ceil(cfg.cpus_per_actor)))
         device = "cuda" if cfg.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
-        model = build_model(bundle.config.model, bundle.state_dict, device)
-        self.predictor = Predictor(model, cfg, device=device)
+        if bundle.exported:  # its own runtime scores it; torch stays out of the loop
+            self.predictor = OnnxPredictor.from_files(bundle.exported, threads=max(1, math.ceil(cfg.cpus_per_actor)))
+        else:
+            self.predictor = Predictor(build_model(bundle.config.model, bundle.state_dict, device), cfg, device=device)
         self.model_config, self.spec = bundle.config.model, spec
         if spec.heatmap_uri and not split_uri(spec.heatmap_uri)[0]:  # a local folder (object stores need none)
             Path(spec.heatmap_uri).mkdir(parents=True, exist_ok=True)
@@ -189,12 +227,12 @@ class ModelScorer:
         scores = np.full(count, np.nan, dtype=np.float32)
         maps = np.zeros((count, size, size), dtype=np.float32)
         if ok.any():
-            result = self.predictor.predict(normalize(batch["image"][ok]))
+            result = self.predictor.predict_pixels(batch["image"][ok])
             scores[ok], maps[ok] = result.scores, result.maps
         out = {k: v for k, v in batch.items() if k != "image"}
         out["score"] = scores
         out.update(self._locations(maps, ok, batch["height"], batch["width"]))
-        out["heatmap_uri"] = self._heatmaps(batch["uri"], batch["image"], maps, ok)
+        out["heatmap_uri"] = self._heatmaps(batch, maps, ok)
         if self.spec.keep_maps:
             out["map"] = maps
         return out
@@ -207,12 +245,17 @@ class ModelScorer:
                                        int(heights[i]), int(widths[i]))
         return dict(zip(("peak_row", "peak_col", "peak_row_map", "peak_col_map"), rows))
 
-    def _heatmaps(self, uris, images, maps, ok) -> np.ndarray:
+    def _heatmaps(self, batch: dict[str, np.ndarray], maps: np.ndarray, ok: np.ndarray) -> np.ndarray:
+        uris, images = batch["uri"], batch["image"]
         names = np.full(len(ok), "", dtype=object)
         if not self.spec.heatmap_uri:
             return names
-        scale = colour_scale(self.spec.heatmap_threshold, maps[ok])  # without a threshold: this batch's max
+        table, classes = self.spec.heatmap_thresholds, batch.get("category", [None] * len(ok))
+        # each row on its class threshold's scale; without thresholds: this batch's max, never one image's own
+        scales = ([colour_scale(t) for t in class_thresholds(table, list(classes))[1]] if table is not None
+                  else [colour_scale(None, maps[ok])] * len(ok))
         for i in np.flatnonzero(ok):
+            scale = scales[i]
             target = f"{self.spec.heatmap_uri.rstrip('/')}/{heatmap_name(uris[i])}"
             fs, path = filesystem_for(target, self.spec.storage)
             # a local PNG appears whole (written aside, then renamed); an object-store put is atomic anyway
@@ -239,7 +282,8 @@ def rows_dataset(table: pa.Table, rows_per_block: int):
 
 def score_rows(table: pa.Table, bundle_ref, config: Config, score_spec: ScoreSpec, with_masks: bool,
                preserve_order: bool = False):
-    """The lazy Ray Dataset scoring every row of `table` (columns: uri [, mask_uri, label, category]).
+    """The lazy Ray Dataset scoring every row of `table` (columns: uri [, mask_uri, label, category]
+    [, shard_uri, shard_row: a packed manifest's rows, read from their shards]).
 
     Output columns: the input ones, height, width, error, score (NaN on error), peak_row/peak_col (original
     image pixels), peak_row_map/peak_col_map (final-map pixels), heatmap_uri [, mask, map].
@@ -248,7 +292,8 @@ def score_rows(table: pa.Table, bundle_ref, config: Config, score_spec: ScoreSpe
 
     cfg = config.eval
     reader = RowReader(config.model.image_size, config.model.crop_size, keep_errors=True,
-                       max_pixels=config.data.max_image_pixels or None, storage=StorageOptions.resolve(config.data))
+                       max_pixels=config.data.max_image_pixels or None, storage=StorageOptions.resolve(config.data),
+                       fast_decode=config.data.fast_decode)
     dataset = rows_dataset(table, cfg.batch_size)  # a block per batch: every actor gets work early
     if preserve_order:
         dataset.context.execution_options.preserve_order = True
@@ -263,3 +308,13 @@ def score_rows(table: pa.Table, bundle_ref, config: Config, score_spec: ScoreSpe
         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=cfg.actors),
         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None)
 
+
+
+def add_decisions(rows: pa.Table, table: ThresholdTable | None) -> pa.Table:
+    """`rows` (score, category, error: '' = scored) with `decision_columns` appended, each row decided by
+    its class's threshold (the global one for a class the table lacks)."""
+    ok = pc.equal(rows.column("error"), "").to_numpy(zero_copy_only=False)
+    scores = rows.column("score").to_numpy(zero_copy_only=False)
+    for name, column in decision_columns(scores, rows.column("category").to_pylist(), table, ok).items():
+        rows = rows.append_column(name, column)
+    return rows

@@ -4,174 +4,84 @@
     HTTP image --create_api (validation, limits, auth)--> @serve.batch --> one forward per batch
 
 `build_app(model_uri, config)` is what `pipelines/serve.py`, `serve run pipelines.serve:app` and
-`serve deploy cluster/serve_config.yaml` all deploy. Routes: POST /v1/predict, POST /v1/predict/batch,
-GET /v1/model, GET /healthz, GET /readyz, the page at /, OpenAPI at /docs.
+`serve deploy cluster/serve_config.yaml` all deploy. Routes: POST /v1/predict, POST /v1/predict/batch
+(both take ?class=), GET /v1/model, PUT /v1/thresholds, GET /healthz, GET /readyz, the page at /, OpenAPI
+at /docs.
+
+Thresholds change at run time without reloading weights: user_config {"thresholds": {"global": t,
+"classes": {name: t}}} reaches every replica's `reconfigure`. PUT /v1/thresholds redeploys the app with that
+user_config; the deployment's version is pinned to the model and config, so Serve only calls `reconfigure`
+on the running replicas (and gives new replicas the same user_config) instead of restarting them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
+import json
 import logging
 import math
+import os
 import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel, Field
+from fastapi.responses import HTMLResponse
 from ray import serve
 from ray.serve import Application
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartException
 
-from dinomaly.config import Config
+from dinomaly.config import Config, to_dict
 from dinomaly.distributed.cluster import ensure_ray
 from dinomaly.distributed.models import ResolvedModel, resolve_model
 from dinomaly.distributed.resources import ResourcesUnavailable, check_resources, serve_request
+from dinomaly.distributed.serve.http import (
+    BATCH_BODY,
+    CLASS,
+    IMAGE_BODY,
+    BatchPrediction,
+    Prediction,
+    add_error_handlers,
+    read_images,
+    read_limited,
+)
 from dinomaly.serving_api import (
-    RAW_CONTENT_TYPES,
     SUPPORTED_FORMATS,
     ModelInfo,
     RequestError,
     ScoringService,
     check_bearer,
+    check_threshold_update,
+    merge_threshold_updates,
 )
 
 logger = logging.getLogger(__name__)
 
 ScoreFn = Callable[[np.ndarray], Awaitable[tuple[float, np.ndarray]]]
-MULTIPART_OVERHEAD_BYTES = 64 * 1024  # headers and boundaries around each uploaded file
-_BINARY = {"schema": {"type": "string", "format": "binary"}}
-_IMAGE_BODY = {"requestBody": {"required": True, "content": {
-    **{media: _BINARY for media in SUPPORTED_FORMATS.values()}, "application/octet-stream": _BINARY,
-    "multipart/form-data": {"schema": {"type": "object", "properties": {"file": _BINARY["schema"]}}}}}}
-_BATCH_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-    "type": "object", "properties": {"files": {"type": "array", "items": _BINARY["schema"]}}}}}}}
+PublishFn = Callable[[dict[str, Any], Request], Awaitable[None]]  # a checked threshold update -> every replica
+async def _apply_locally(service: ScoringService, update: dict[str, Any], _: Request) -> None:
+    service.set_threshold_update(update)
 
 
-class ModelRef(BaseModel):
-    name: str
-    version: str
-
-
-class ImagePrediction(BaseModel):
-    """One image's answer; the field descriptions appear in the API docs at /docs."""
-
-    score: float = Field(description="image anomaly score: mean of the top 1 % of the blurred anomaly map")
-    is_anomalous: bool = Field(description="score >= threshold")
-    threshold: float = Field(description="the image-score threshold of the verdict")
-    model: ModelRef = Field(description="the model that scored the image")
-    heatmap_png_base64: str | None = Field(default=None, description="with ?heatmap=true: the anomaly map over "
-                                           "the image as a base64 PNG, coloured on the threshold-tied scale")
-    filename: str | None = Field(default=None, description="the uploaded file's name (batch requests)")
-
-
-class Prediction(ImagePrediction):
-    elapsed_ms: float
-
-
-class BatchPrediction(BaseModel):
-    predictions: list[ImagePrediction]
-    elapsed_ms: float
-
-
-# --------------------------------------------------------------------------- request bodies
-
-
-async def _read_limited(request: Request, limit: int) -> bytes:
-    """The whole body, refusing (413) as soon as it passes `limit` bytes; nothing larger is buffered."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise RequestError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
-    chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise RequestError(413, f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _read_images(request: Request, max_images: int, max_image_bytes: int) -> list[tuple[str, bytes]]:
-    """(name, bytes) of each image in a raw-body or multipart request; 413/415/400 as RequestError."""
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type != "multipart/form-data" and media_type not in RAW_CONTENT_TYPES:
-        raise RequestError(415, f"content type {media_type!r} is not accepted; send the image as the raw body "
-                                f"({', '.join(SUPPORTED_FORMATS.values())}) or as multipart/form-data")
-    body = await _read_limited(request, max_images * (max_image_bytes + MULTIPART_OVERHEAD_BYTES))
-    if media_type != "multipart/form-data":
-        return [("image", body)]
-
-    async def replay() -> dict[str, Any]:
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    try:
-        form = await Request(request.scope, replay).form(max_files=max_images + 1, max_fields=100)
-    except (MultiPartException, HTTPException) as err:
-        message = getattr(err, "message", None) or err.detail
-        if message.startswith("Too many files"):  # starlette stops parsing at max_files
-            raise RequestError(413, f"more than {max_images} images in one request; split it") from err
-        raise RequestError(400, f"malformed multipart body: {message}") from err
-    try:
-        uploads = [(key, value) for key, value in form.multi_items() if isinstance(value, UploadFile)]
-        if not uploads:
-            raise RequestError(400, "the multipart body has no file part; send the image as a file field")
-        if len(uploads) > max_images:
-            hint = ("send one image to /v1/predict, several to /v1/predict/batch" if max_images == 1 else
-                    f"the limit is serve.max_batch_images={max_images}; split the batch")
-            raise RequestError(413, f"{len(uploads)} or more images in one request; {hint}")
-        return [(value.filename or key, await value.read()) for key, value in uploads]
-    finally:
-        await form.close()
-
-
-# --------------------------------------------------------------------------- the FastAPI app
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-def _add_error_handlers(api: FastAPI) -> None:
-    """Every failure is JSON {"error": ...}: 4xx for the client's mistakes, 500 without a traceback."""
-
-    async def request_error(_: Request, err: RequestError) -> JSONResponse:
-        return _error(err.status, str(err))
-
-    async def http_error(_: Request, err: HTTPException) -> JSONResponse:
-        return _error(err.status_code, str(err.detail))
-
-    async def validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
-        return _error(422, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()))
-
-    async def internal_error(request: Request, err: Exception) -> JSONResponse:
-        logger.error("%s %s failed", request.method, request.url.path, exc_info=err)
-        return _error(500, f"internal error ({type(err).__name__}); see the replica log")
-
-    api.add_exception_handler(RequestError, request_error)
-    api.add_exception_handler(HTTPException, http_error)
-    api.add_exception_handler(RequestValidationError, validation_error)
-    api.add_exception_handler(Exception, internal_error)
-
-
-def create_api(service: ScoringService, score: ScoreFn) -> FastAPI:
-    """The HTTP API over a loaded `service`; `score(model_input)` is the (batched) model call."""
+def create_api(service: ScoringService, score: ScoreFn, publish: PublishFn | None = None) -> FastAPI:
+    """The HTTP API over a loaded `service`; `score(model_input)` is the (batched) model call, `publish`
+    puts a checked threshold update in force everywhere (default: this service only)."""
     api = FastAPI(title="dinomaly", version="1", description="Dinomaly anomaly scoring: POST an image, get a "
                   "score, a verdict and optionally a heatmap (PNG, jet colours, threshold = mid-scale).")
-    _add_error_handlers(api)
+    add_error_handlers(api)
     limits = service.serve_config
 
-    async def predict_one(name: str, data: bytes, heatmap: bool) -> dict[str, Any]:
+    async def predict_one(name: str, data: bytes, heatmap: bool, class_name: str | None) -> dict[str, Any]:
         model_input = await asyncio.to_thread(service.prepare, data, name)
         value, anomaly_map = await score(model_input)
-        return await asyncio.to_thread(service.prediction, value, anomaly_map, heatmap)
+        if not heatmap:  # microseconds: not worth a thread hop
+            return service.prediction(value, anomaly_map, False, class_name)
+        return await asyncio.to_thread(service.prediction, value, anomaly_map, True, class_name)
 
     @api.get("/", include_in_schema=False)
     async def page() -> HTMLResponse:
@@ -185,12 +95,14 @@ def create_api(service: ScoringService, score: ScoreFn) -> FastAPI:
     async def readyz() -> dict[str, Any]:
         return {"status": "ready", "model": {"name": service.info.name, "version": service.info.version}}
 
-    @api.get("/v1/model", summary="The served model: config, metrics, threshold, weights source, limits")
+    @api.get("/v1/model", summary="The served model: config, metrics, thresholds in force, weights source, limits")
     async def model(request: Request) -> dict[str, Any]:
         check_bearer(request.headers.get("authorization"), service.token)
-        info = service.info
-        return {"name": info.name, "version": info.version, "source": info.source, "threshold": info.threshold,
-                "threshold_source": info.threshold_source, "metrics": info.metrics, "config": info.config,
+        info, in_force = service.info, service.thresholds.global_threshold
+        return {"name": info.name, "version": info.version, "source": info.source, "threshold": in_force.threshold,
+                "threshold_source": in_force.source, "thresholds": service.thresholds_view(),
+                "metrics": info.metrics, "config": info.config, "replica": {"pid": os.getpid(),
+                                                                           "loaded_at": service.loaded_at},
                 "input": {"image_size": service.model_config.image_size, "crop_size": service.model_config.crop_size,
                           "heatmap_size": service.predictor.eval_config.resize, "formats": sorted(SUPPORTED_FORMATS)},
                 "limits": {"max_image_bytes": limits.max_image_bytes, "max_image_pixels": limits.max_image_pixels,
@@ -198,26 +110,49 @@ def create_api(service: ScoringService, score: ScoreFn) -> FastAPI:
                 "auth": service.token is not None}
 
     @api.post("/v1/predict", response_model=Prediction, response_model_exclude_none=True,
-              summary="Score one image (raw body or multipart)", openapi_extra=_IMAGE_BODY)
-    async def predict(request: Request, heatmap: bool = False) -> dict[str, Any]:
+              summary="Score one image (raw body or multipart)", openapi_extra=IMAGE_BODY)
+    async def predict(request: Request, heatmap: bool = False, class_name: str | None = CLASS) -> dict[str, Any]:
         start = time.perf_counter()
         check_bearer(request.headers.get("authorization"), service.token)
-        [(name, data)] = await _read_images(request, 1, limits.max_image_bytes)
-        out = await predict_one(name, data, heatmap)
+        service.check_class(class_name)
+        [(name, data)] = await read_images(request, 1, limits.max_image_bytes)
+        out = await predict_one(name, data, heatmap, class_name)
         return {**out, "elapsed_ms": (time.perf_counter() - start) * 1e3}
 
     @api.post("/v1/predict/batch", response_model=BatchPrediction, response_model_exclude_none=True,
-              summary="Score several images (multipart, one file part each)", openapi_extra=_BATCH_BODY)
-    async def predict_batch(request: Request, heatmap: bool = False) -> dict[str, Any]:
+              summary="Score several images (multipart, one file part each)", openapi_extra=BATCH_BODY)
+    async def predict_batch(request: Request, heatmap: bool = False, class_name: str | None = CLASS
+                            ) -> dict[str, Any]:
         start = time.perf_counter()
         check_bearer(request.headers.get("authorization"), service.token)
-        images = await _read_images(request, limits.max_batch_images, limits.max_image_bytes)
+        service.check_class(class_name)
+        images = await read_images(request, limits.max_batch_images, limits.max_image_bytes)
         # validate every image before scoring any, so a bad one costs no model time
         inputs = [await asyncio.to_thread(service.prepare, data, name) for name, data in images]
         scored = await asyncio.gather(*(score(x) for x in inputs))
-        predictions = [{**service.prediction(value, anomaly_map, heatmap), "filename": name}
+        predictions = [{**service.prediction(value, anomaly_map, heatmap, class_name), "filename": name}
                        for (name, _), (value, anomaly_map) in zip(images, scored)]
         return {"predictions": predictions, "elapsed_ms": (time.perf_counter() - start) * 1e3}
+
+    @api.put("/v1/thresholds", summary="Change thresholds at run time (every replica, no weight reload)")
+    async def put_thresholds(request: Request) -> dict[str, Any]:
+        """Body: {"global": t, "classes": {name: t}}, either part optional, t finite and > 0; entries not named
+        keep their value. Answers the thresholds now in force."""
+        check_bearer(request.headers.get("authorization"), service.token)
+        try:
+            body = json.loads(await read_limited(request, 1024 * 1024) or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise RequestError(400, f"the body is not JSON ({err}); send e.g. {{\"global\": 0.3}}") from err
+        update = merge_threshold_updates(service.threshold_update,
+                                         check_threshold_update(body, service.info.thresholds))
+        await (publish or functools.partial(_apply_locally, service))(update, request)
+        return service.thresholds_view()
+
+    @api.delete("/v1/thresholds", summary="Undo run-time threshold changes: the model's own thresholds again")
+    async def reset_thresholds(request: Request) -> dict[str, Any]:
+        check_bearer(request.headers.get("authorization"), service.token)
+        await (publish or functools.partial(_apply_locally, service))({}, request)
+        return service.thresholds_view()
 
     return api
 
@@ -230,34 +165,62 @@ def create_api(service: ScoringService, score: ScoreFn) -> FastAPI:
 class DinomalyScorer:
     """One replica: resolves and loads the model once, then scores batches of requests.
 
-    user_config (serve deploy / reconfigure) may set max_batch_size and batch_wait_timeout_s live.
+    user_config (serve deploy / reconfigure / PUT /v1/thresholds) may set max_batch_size,
+    batch_wait_timeout_s and thresholds live, without reloading the weights.
     """
 
-    def __init__(self, model_uri: str, config: Config):
+    def __init__(self, model_uri: str, config: Config, version: str = ""):
         torch.set_num_threads(max(1, math.ceil(config.serve.num_cpus)))
+        self.model_uri, self.config, self.version = model_uri, config, version
         self._model: ResolvedModel = resolve_model(model_uri, config)  # keeps a downloaded copy alive
         self.service = ScoringService.from_checkpoint(
             self._model.directory, config.serve, name=self._model.name, version=self._model.version,
             source=self._model.source, tags=self._model.tags, metrics=self._model.metrics)
+        self.user_config: dict[str, Any] = {}
+        self._scoring = 0  # requests between decode and answer
         self.reconfigure({"max_batch_size": config.serve.max_batch_size,
                           "batch_wait_timeout_s": config.serve.batch_wait_timeout_s})
         info = self.service.info
-        logger.info("serving %s version %s from %s, threshold %.6g (%s)", info.name, info.version, info.source,
-                    info.threshold, info.threshold_source)
+        # no `.classes` attribute access in this class: cloudpickle would try to ship torch.classes with it
+        logger.info("serving %s version %s from %s, global threshold %.6g (%s), thresholds %s", info.name,
+                    info.version, info.source, info.threshold, info.threshold_source, self.service.thresholds_view())
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
+        if "thresholds" in user_config:  # checked first: a bad table changes nothing
+            self.service.set_threshold_update(user_config["thresholds"])
         if "max_batch_size" in user_config:
             self._score_batch.set_max_batch_size(int(user_config["max_batch_size"]))
         if "batch_wait_timeout_s" in user_config:
             self._score_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+        self.user_config = {**self.user_config, **user_config}
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _score_batch(self, inputs: list[np.ndarray]) -> list[tuple[float, np.ndarray]]:
         # in a thread, so the replica keeps decoding the next requests while the model runs
         return await asyncio.to_thread(self.service.score, inputs)
 
+    async def _score(self, model_input: np.ndarray) -> tuple[float, np.ndarray]:
+        """A request alone in the replica is scored at once; with others it joins their dynamic batch. So a
+        lone request never waits batch_wait_timeout_s for a batch that will not fill."""
+        self._scoring += 1
+        try:
+            if self._scoring == 1:
+                [result] = await asyncio.to_thread(self.service.score, [model_input])
+                return result
+            return await self._score_batch(model_input)
+        finally:
+            self._scoring -= 1
+
+    async def _publish(self, update: dict[str, Any], request: Request) -> None:
+        """Redeploy this app with the update in its user_config: Serve calls reconfigure on every replica."""
+        app_name = serve.get_replica_context().app_name
+        route_prefix = request.scope.get("root_path") or "/"
+        user_config = {**self.user_config, "thresholds": update}
+        app = build_app(self.model_uri, self.config, user_config, self.version)
+        await asyncio.to_thread(serve.run, app, name=app_name, route_prefix=route_prefix)
+
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_api(self.service, self._score_batch)
+        return create_api(self.service, self._score, self._publish)
 
 
 def deployment_options(config: Config) -> dict[str, Any]:
@@ -273,9 +236,34 @@ def deployment_options(config: Config) -> dict[str, Any]:
     return options
 
 
-def build_app(model_uri: str, config: Config) -> Application:
-    """The Serve application scoring with `model_uri` (checkpoint dir, s3:// dir or models:/...)."""
-    return DinomalyScorer.options(**deployment_options(config)).bind(model_uri, config)
+@functools.cache
+def _code_digest() -> str:
+    """A digest of dinomaly's source: new code is a new deployment version, so replicas restart on it."""
+    root = Path(__file__).resolve().parents[2]
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def deployment_version(model_uri: str, config: Config) -> str:
+    """Serve's code version of the deployment: the same model, config and code give the same version, so a
+    redeploy that changes only user_config reconfigures the running replicas instead of replacing them."""
+    key = json.dumps([model_uri, to_dict(config), _code_digest()], sort_keys=True, default=str)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def build_app(model_uri: str, config: Config, user_config: dict[str, Any] | None = None,
+              version: str = "") -> Application:
+    """The Serve application scoring with `model_uri` (checkpoint dir, s3:// dir or models:/...).
+
+    user_config defaults to no run-time threshold changes, so a plain redeploy puts the model's own back.
+    version: the deployment version to keep (a replica redeploying itself passes its own); '' = computed."""
+    # a pinned version is what makes a user_config-only redeploy a reconfigure instead of a restart
+    version = version or deployment_version(model_uri, config)
+    deployment = DinomalyScorer.options(**deployment_options(config), user_config=user_config or {"thresholds": {}},
+                                        version=version, _internal=True)
+    return deployment.bind(model_uri, config, version)
 
 
 def check_model(model_uri: str, config: Config) -> ModelInfo:

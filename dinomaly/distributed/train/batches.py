@@ -26,6 +26,7 @@ from dinomaly.data.dataset import ManifestDataset, epoch_indices, load_batches
 logger = logging.getLogger(__name__)
 
 
+
 def local_rows(global_batch: int, rank: int, world: int) -> slice:
     """Rows of a global batch that rank `rank` of `world` trains on."""
     if global_batch % world:

@@ -4,7 +4,9 @@ Classes, not images, are divided among the ranks (balanced by image count): each
 classes and computes their seven metrics locally, so only small per-class results (metrics, image
 labels and scores) travel to rank 0 through torch.distributed.gather_object, and the pixel-level
 metrics, the expensive part, run in parallel. With fewer classes than ranks some ranks idle.
-Rank 0 then builds the per-class table, the means and the thresholds.
+Rank 0 then builds the per-class table, the means and the thresholds. In a training run each rank also
+scores its classes' held-back normal training images, and rank 0 sets the per-class thresholds at
+eval.target_fpr from them (dinomaly.calibration; the test split's normals for a class without any).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
 
+from dinomaly.calibration import labelled_summary
 from dinomaly.config import Config
 from dinomaly.data.dataset import ManifestDataset, iterate_batches
 from dinomaly.data.manifest import select
@@ -33,11 +36,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ClassResult:
-    """One class: its seven metrics and the image labels and scores behind the image-level ones."""
+    """One class: its seven metrics, the image labels and scores behind the image-level ones, and the scores of
+    its held-back normal training images (empty when none were scored)."""
 
     metrics: dict[str, float]
     labels: list[int]
     scores: list[float]
+    calibration_scores: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -68,10 +73,12 @@ def assign_classes(counts: dict[str, int], world: int) -> list[list[str]]:
 
 
 def evaluate_classes(model: torch.nn.Module, test_table: pa.Table, classes: list[str], config: Config,
-                     device: torch.device) -> dict[str, ClassResult]:
-    """Score the test images of `classes` and compute each class's metrics (no communication)."""
+                     device: torch.device, calibration_table: pa.Table | None = None) -> dict[str, ClassResult]:
+    """Score the test images of `classes` and compute each class's metrics (no communication); with a
+    calibration_table, also score its rows of `classes` (held-back normal images: scores only)."""
     if not classes:
         return {}
+    held = score_normals(model, calibration_table, classes, config, device) if calibration_table is not None else {}
     dataset = ManifestDataset(select(test_table, categories=classes), config.model, strict=config.data.strict,
                               max_pixels=config.data.max_image_pixels or None)
     predictor = Predictor(model, config.eval, device=device)
@@ -88,11 +95,32 @@ def evaluate_classes(model: torch.nn.Module, test_table: pa.Table, classes: list
     if dataset.corrupt.count:
         logger.warning("evaluation skipped %d unreadable test images: %s", dataset.corrupt.count,
                        dataset.corrupt.uris[:5])
-    return {name: ClassResult(metrics, labels[name], scores[name]) for name, metrics in accumulator.compute().items()}
+    return {name: ClassResult(metrics, labels[name], scores[name], held.get(name, []))
+            for name, metrics in accumulator.compute().items()}
 
 
-def summarize(results: dict[str, ClassResult], config: Config) -> Evaluation:
-    """Rows in class order + mean; thresholds pooled over all classes and per class."""
+def score_normals(model: torch.nn.Module, table: pa.Table, classes: list[str], config: Config,
+                  device: torch.device) -> dict[str, list[float]]:
+    """{class: image scores} of `table`'s rows of `classes` (unreadable images skipped and logged)."""
+    rows = table.filter(pc.is_in(table.column("category"), pa.array(classes, pa.string())))
+    scores: dict[str, list[float]] = {}
+    if rows.num_rows == 0:
+        return scores
+    dataset = ManifestDataset(rows, config.model, strict=config.data.strict,
+                              max_pixels=config.data.max_image_pixels or None)
+    predictor = Predictor(model, config.eval, device=device)
+    for batch in iterate_batches(dataset, config.eval.batch_size, config.data.loader_workers):
+        for name, score in zip(batch.categories, predictor.predict(batch.images).scores.tolist()):
+            scores.setdefault(name, []).append(score)
+    if dataset.corrupt.count:
+        logger.warning("calibration skipped %d unreadable images: %s", dataset.corrupt.count, dataset.corrupt.uris[:5])
+    return scores
+
+
+def summarize(results: dict[str, ClassResult], config: Config, calibrate: bool = False) -> Evaluation:
+    """Rows in class order + mean; thresholds pooled over all classes and per class. With calibrate, also
+    thresholds['calibration'] (a dinomaly.calibration.ThresholdTable as a dict) and thresholds['decisions']
+    (its FPR and recall per class on this labelled test split, next to the test-tuned F1-optimal threshold)."""
     ordered = {name: results[name] for name in sorted(results)}
     rows = per_class_table({name: r.metrics for name, r in ordered.items()})
     labels = np.concatenate([r.labels for r in ordered.values()])
@@ -106,22 +134,28 @@ def summarize(results: dict[str, ClassResult], config: Config) -> Evaluation:
                              "image_normal_quantile": normal_quantile_threshold(r.labels, r.scores, quantile)}
                       for name, r in ordered.items()},
     }
+    if calibrate:
+        thresholds.update(labelled_summary({n: r.labels for n, r in ordered.items()},
+                                           {n: r.scores for n, r in ordered.items()}, config.eval.target_fpr,
+                                           config.train.seed, {n: r.calibration_scores for n, r in ordered.items()}))
     return Evaluation(rows=rows, classes=ordered, thresholds=thresholds)
 
 
 def evaluate_distributed(model: torch.nn.Module, test_table: pa.Table, config: Config, rank: int, world: int,
-                         device: torch.device) -> Evaluation | None:
-    """Every rank evaluates its share of classes; rank 0 gathers them and returns the Evaluation, others None."""
+                         device: torch.device, calibration_table: pa.Table | None = None) -> Evaluation | None:
+    """Every rank evaluates its share of classes; rank 0 gathers them and returns the Evaluation, others None.
+    With a calibration_table (held-back normal rows, possibly empty) the Evaluation also holds the per-class
+    thresholds at eval.target_fpr (summarize's calibrate)."""
     counts = dict(zip(*np.unique(np.asarray(test_table.column("category").to_pylist()), return_counts=True)))
     shares = assign_classes({str(k): int(v) for k, v in counts.items()}, world)
-    local = evaluate_classes(model, test_table, shares[rank], config, device)
+    local = evaluate_classes(model, test_table, shares[rank], config, device, calibration_table)
     if world > 1 and dist.is_initialized():
         gathered: list | None = [None] * world if rank == 0 else None
         dist.gather_object(local, gathered, dst=0)
         if rank != 0:
             return None
         local = {name: result for part in gathered for name, result in part.items()}
-    return summarize(local, config) if local else None
+    return summarize(local, config, calibrate=calibration_table is not None) if local else None
 
 
 def heatmap_grid(model: torch.nn.Module, test_table: pa.Table, config: Config, count: int, device: torch.device,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from dinomaly.distributed.train.worker import data_wait
 from dinomaly.metrics import METRIC_NAMES
 from dinomaly.tables import format_table
 
@@ -43,27 +44,50 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
+def data_wait_line(figures: dict) -> str:
+    """One line for a console: the data-wait share, steady and whole-run, with the per-step figures."""
+    steady = figures["steady_share"]
+    head = f"data wait {100 * steady:.1f} % of step time" if steady is not None else \
+        f"data wait {100 * figures['share']:.1f} % of step time"
+    return (f"{head} (median {figures['median_wait_ms']:.1f} ms of a {figures['mean_step_ms']:.0f} ms step; "
+            f"{100 * figures['share']:.1f} % with the {figures['first_wait_s']:.1f} s pipeline start-up before "
+            "step 1)")
+
+
 def summary_lines(result: TrainResult) -> list[str]:
-    """Per-class table(s), MLflow run and registry version, checkpoint and output locations."""
+    """Per-class table(s), then where each record went: checkpoint, metrics.json, MLflow run, registered model."""
     tracking = result.config.tracking
     lines: list[str] = []
     for run in result.children or (result,):
         if run.rows:
             lines += ["", f"{run.name}, step {run.final_step}:", format_table(run.rows)]
-        if run.mlflow_run_id:
-            registry = f"; registered as {run.registered_model} version {run.model_version}" if run.model_version \
-                else ""
-            lines.append(f"MLflow run {run.mlflow_run_id} in experiment '{tracking.experiment_name}'{registry}")
         errors = run.data_errors or {}
         if errors.get("data_errors"):
             lines.append(f"unreadable training files skipped: {errors['data_errors']} (listed in metrics.json), "
                          f"e.g. {[uri for uri, _ in errors['error_files'][:3]]}")
-        checkpoint = run.output_dir / "checkpoint" if run.output_dir else run.checkpoint_uri
-        lines.append(f"checkpoint: {checkpoint}  (Ray storage: {run.checkpoint_uri})")
+        if (waited := data_wait(run.log)) is not None:
+            lines.append(data_wait_line(waited))
+        lines += _record_lines(run)
     if result.children and result.mean:
         lines.append("mean over classes: " + "  ".join(f"{k} {result.mean[k]:.4f}" for k in METRIC_NAMES))
-    if result.output_dir:
-        lines.append(f"outputs: {result.output_dir}/ (checkpoint/, config.yaml, metrics.json)")
+    if result.children and result.output_dir:
+        lines.append(f"  metrics.json:     {result.output_dir.resolve() / 'metrics.json'}")
     if tracking.enabled:
         lines.append(f"browse runs: mlflow ui --backend-store-uri {tracking.tracking_uri}")
+    return lines
+
+
+def _record_lines(run: TrainResult) -> list[str]:
+    tracking = run.config.tracking
+    out = run.output_dir.resolve() if run.output_dir else None
+    lines = [f"records of {run.name}:",
+             f"  checkpoint:       {out / 'checkpoint' if out else run.checkpoint_uri}  (Ray's run folder: "
+             f"{run.checkpoint_uri})"]
+    if out:
+        lines.append(f"  metrics.json:     {out / 'metrics.json'}")
+    if run.mlflow_run_id:
+        lines.append(f"  MLflow run:       {run.mlflow_run_id} (experiment '{tracking.experiment_name}') in "
+                     f"{tracking.tracking_uri}")
+    if run.model_version:
+        lines.append(f"  registered model: models:/{run.registered_model}/{run.model_version}")
     return lines

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dinomaly.config import Config
+from dinomaly.distributed.train.worker import data_wait
 from dinomaly.results import MetricsRecord
 
 if TYPE_CHECKING:
@@ -50,10 +51,17 @@ class TrainResult:
         """metrics.json's content (dinomaly.results layout) with this run's fields."""
         if self.children:
             return MetricsRecord.from_rows("train", self.rows, run=self.name, setting="separate",
-                                           step=self.final_step,
+                                           step=self.final_step, describes="last",
                                            runs={c.name: str(c.output_dir) for c in self.children})
-        return MetricsRecord.from_rows("train", self.rows, self.thresholds, run=self.name,
-                                       setting=self.config.train.setting, step=self.final_step,
-                                       checkpoint_uri=self.checkpoint_uri, mlflow_run_id=self.mlflow_run_id,
-                                       registered_model=self.registered_model, model_version=self.model_version,
-                                       data_errors=self.data_errors)
+        fields = dict(run=self.name, setting=self.config.train.setting, step=self.final_step, describes="last",
+                      checkpoint_uri=self.checkpoint_uri, mlflow_run_id=self.mlflow_run_id,
+                      registered_model=self.registered_model, model_version=self.model_version,
+                      data_errors=self.data_errors, data_wait=data_wait(self.log))
+        best = self.log.best if self.log is not None else None
+        if not best:
+            return MetricsRecord.from_rows("train", self.rows, self.thresholds, **fields)
+        # train.keep_best: the best evaluation, its checkpoint and version; the last one's beside them
+        fields.update(step=best["step"], describes="best", score=best["score"], checkpoint_uri=best["path"],
+                      model_version=best["model_version"], final_step=self.final_step,
+                      last_checkpoint_uri=self.checkpoint_uri, last_model_version=self.model_version)
+        return MetricsRecord.from_rows("train", best["rows"], best["thresholds"], **fields)

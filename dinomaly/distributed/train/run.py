@@ -35,7 +35,7 @@ from dinomaly.distributed.resources import (
 from dinomaly.distributed.tracking import close_run, open_run, resolve_tracking_uri, run_logger
 from dinomaly.distributed.train.result import TrainResult
 from dinomaly.results import write_metrics_json
-from dinomaly.tables import per_class_table
+from dinomaly.tables import format_decision_table, per_class_table
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,8 @@ def prepare_config(config: Config) -> Config:
     """(train() applies it.) Apply deterministic mode (manifest order, local reader, dropout 0) and pin the MLflow URI absolutely."""
     overrides: dict[str, Any] = {"tracking.tracking_uri": resolve_tracking_uri(config.tracking)}
     if config.train.deterministic:
-        overrides.update({"data.shuffle": False, "train.data_source": "local", "model.bottleneck_dropout": 0.0})
+        overrides.update({"data.shuffle": False, "train.data_source": "local", "model.bottleneck_dropout": 0.0,
+                          "data.fast_decode": False})
     return apply_overrides(config, overrides)
 
 
@@ -108,10 +109,11 @@ def check_resume(config: Config, resume: bool) -> None:
     exists = run_exists(config)
     where = f"{config.output_root}/{config.name}"
     if resume and not exists:
-        raise FileNotFoundError(f"nothing to resume: no checkpointed run at {where}; check --name / --storage-path")
+        raise FileNotFoundError(f"nothing to resume: no checkpointed run at {where}; check --name, --output and "
+                                "--storage-path")
     if exists and not resume:
-        raise ValueError(f"a run named '{config.name}' already exists at {where}; pass --resume to continue it "
-                         "or --name <new name> to start afresh")
+        raise ValueError(f"a run named '{config.name}' already exists at {where}; pass --resume to continue it, "
+                         "or start a new run with --name <new name> or --output <new folder>")
 
 
 def load_tables(config: Config) -> tuple[pa.Table, pa.Table]:
@@ -127,6 +129,27 @@ def load_tables(config: Config) -> tuple[pa.Table, pa.Table]:
     return train_rows, test_rows
 
 
+def hold_back(train_rows: pa.Table, config: Config) -> tuple[pa.Table, pa.Table]:
+    """(rows to train on, each class's held-back normal rows): train.calibration_share of them, at least
+    train.calibration_min_images, drawn by train.seed (dinomaly.calibration.holdout_indices); never trained on,
+    they set the per-class thresholds after training. Refused when what is left no longer fills a batch."""
+    from dinomaly.calibration import holdout_indices
+
+    tc = config.train
+    keep, held, small = holdout_indices(train_rows.column("category").to_pylist(),
+                                        train_rows.column("label").to_numpy(), tc.calibration_share,
+                                        tc.calibration_min_images, tc.seed)
+    if small:
+        logger.warning("classes with fewer than %d normal training images hold none back for calibration; their "
+                       "thresholds come from the test split's normals: %s", 2 * tc.calibration_min_images, small)
+    if held.size:
+        logger.info("held back %d normal training images for calibration (never trained on)", held.size)
+    if keep.size < tc.batch_size:
+        raise ValueError(f"after holding back {held.size} calibration images, {keep.size} training images are "
+                         f"fewer than train.batch_size={tc.batch_size}; lower the batch or train.calibration_share")
+    return train_rows.take(keep), train_rows.take(held)
+
+
 def run(config: Config, *, init_from: str = "", output: str | Path | None = None) -> TrainResult:
     """The train job as the entry points run it: start or join Ray, train with a progress line per report,
     write <output> (default runs/<name>) and print the summary. Call check_before_start first."""
@@ -137,6 +160,10 @@ def run(config: Config, *, init_from: str = "", output: str | Path | None = None
     result = train(config, init_from=init_from, output_dir=output or Path("runs") / config.name,
                    on_progress=lambda note: print(progress(note), flush=True))
     print("\n".join(summary_lines(result)))
+    for one in result.children or (result,):
+        if (one.thresholds or {}).get("decisions"):
+            print(f"\n{one.name}: thresholds at eval.target_fpr={config.eval.target_fpr} from normal images, on the "
+                  f"labelled test split:\n{format_decision_table(one.thresholds['decisions'])}")
     return result
 
 
@@ -166,11 +193,12 @@ def _train_one(config: Config, *, init_from: str, batches: list | None, stop_at_
     from dinomaly.distributed.train.skeleton import build_trainer, worker_resources
     from dinomaly.distributed.train.worker import TrainJob, train_worker
 
-    datasets, test_rows = None, None
+    datasets, test_rows, calibration_rows = None, None, None
     if batches is not None:
         source = TensorBatches(list(batches))
     else:
         train_rows, test_rows = load_tables(config)
+        train_rows, calibration_rows = hold_back(train_rows, config)
         if config.train.data_source == "local":
             source = ManifestBatches(train_rows, config)
         else:
@@ -183,7 +211,7 @@ def _train_one(config: Config, *, init_from: str, batches: list | None, stop_at_
     run_id = open_run(config, config.name) if config.tracking.enabled else None
     progress = _progress_queue() if on_progress else None
     job = TrainJob(config=config, source=source, init_from=init_from, stop_at_step=stop_at_step, test_table=test_rows,
-                   mlflow_run_id=run_id, progress=progress, status_dir=status_dir)
+                   calibration_table=calibration_rows, mlflow_run_id=run_id, progress=progress, status_dir=status_dir)
     trainer = build_trainer(train_worker, job, resources, name=config.name, storage=config.output_root,
                             max_failures=config.train.max_failures, keep_checkpoints=config.train.keep_checkpoints,
                             datasets=datasets)
@@ -262,11 +290,16 @@ def _fit_with_progress(trainer, progress, on_progress):
 
 
 def write_run_folder(result: TrainResult, checkpoint=None) -> None:
-    """result.output_dir/: checkpoint/ (the final Ray checkpoint, when given), config.yaml (as run), metrics.json."""
+    """result.output_dir/: checkpoint/ (the final Ray checkpoint, when given), best_checkpoint/ (train.keep_best),
+    config.yaml (as run), metrics.json."""
     folder = result.output_dir
     folder.mkdir(parents=True, exist_ok=True)
     if checkpoint is not None:
         checkpoint.to_directory(str(folder / "checkpoint"))
+        best = result.log.best if result.log is not None else None
+        if best:  # on the same storage as the last one
+            type(checkpoint)(path=best["path"], filesystem=checkpoint.filesystem).to_directory(
+                str(folder / "best_checkpoint"))
     (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(result.config), sort_keys=False))
     write_metrics_json(folder / "metrics.json", result.metrics_record())
 

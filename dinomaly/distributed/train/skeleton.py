@@ -63,6 +63,7 @@ class Chunk:
     records: list[dict]
     seconds: float
     data_wait_s: float
+    step_waits: list[float] = field(default_factory=list)  # this rank's wait for each step's batch
 
 
 @dataclass
@@ -256,6 +257,7 @@ class _Timed:
 
     source: Iterator[torch.Tensor]
     wait_s: float = 0.0
+    waits: list[float] = field(default_factory=list)  # per next() call, since the last chunk
 
     def __iter__(self):
         return self
@@ -265,17 +267,20 @@ class _Timed:
         try:
             return next(self.source)
         finally:
-            self.wait_s += time.perf_counter() - start
+            self.waits.append(time.perf_counter() - start)
+            self.wait_s += self.waits[-1]
 
 
 def _train_chunk(run: WorkerRun, batches: _Timed, target: int) -> Chunk:
     started, waited = time.perf_counter(), batches.wait_s
+    batches.waits.clear()
     records, run.state = train_steps(run.trained, itertools.islice(batches, target - run.state.step), run.config,
                                      run.state)
     if run.state.step < target:
         raise ValueError(f"the batch source ran out at step {run.state.step} of {run.end}; give more batches or "
                          "lower train.total_steps")
-    return Chunk(global_losses(records, run.world), time.perf_counter() - started, batches.wait_s - waited)
+    return Chunk(global_losses(records, run.world), time.perf_counter() - started, batches.wait_s - waited,
+                 step_waits=list(batches.waits))
 
 
 def global_losses(records: list[dict], world: int) -> list[dict]:
@@ -306,11 +311,13 @@ def worker_resources(config: Config, uses_ray_data: bool, cluster_cpus: float | 
 
 def build_trainer(worker: Callable[[dict], Any], job: WorkerJob, resources: dict[str, float], *, name: str,
                   storage: str, max_failures: int, keep_checkpoints: int, callbacks: list | None = None,
-                  datasets: dict | None = None):
+                  datasets: dict | None = None, keep_best: tuple[str, str] | None = None):
     """The TorchTrainer of every run: config.train.num_workers workers of `resources` running worker({'job': job}),
     checkpoints under <storage>/<name> (a later fit of the same name resumes from the latest one).
 
-    keep_checkpoints: 0 keeps all. datasets: Ray Data datasets ({'train': ...}, split across the workers).
+    keep_checkpoints: 0 keeps all. keep_best: (metric, 'max' | 'min'): keep the keep_checkpoints best
+    checkpoints by that reported metric instead of the latest ones (Ray always keeps the latest too).
+    datasets: Ray Data datasets ({'train': ...}, split across the workers).
     """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -322,7 +329,9 @@ def build_trainer(worker: Callable[[dict], Any], job: WorkerJob, resources: dict
     storage_path, filesystem = storage_for(storage, config.data)
     run_config = RunConfig(
         name=name, storage_path=storage_path, storage_filesystem=filesystem, callbacks=callbacks,
-        checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints or None),
+        checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints or None,
+                                           checkpoint_score_attribute=keep_best[0] if keep_best else None,
+                                           checkpoint_score_order=keep_best[1] if keep_best else "max"),
         # worker start-up retries bounded by cluster.start_timeout_s (Ray's default retries them forever)
         failure_config=FailureConfig(max_failures=max_failures,
                                      controller_failure_limit=bound_train_start(config.cluster.start_timeout_s)),

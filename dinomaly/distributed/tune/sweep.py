@@ -6,29 +6,34 @@
 Driver steps: check the search space against the config (before any Ray work) -> training / evaluation
 rows and the objective -> the encoder-feature cache (a Ray task, once per dataset + encoder) -> the MLflow
 parent run -> Tuner.fit (or Tuner.restore) over dinomaly.distributed.tune.trial.run_trial with ASHA on the
-objective -> the ranking of every trial (tune_results.csv / .json, the parent run's table) -> the best
-trial's checkpoint registered, and aliased (tune.champion_alias) when it beats the current holder.
+objective (the searcher seeded by tune.seed) -> the ranking of every trial by its best evaluation
+(tune_results.csv / .json, the parent run's table, a metrics.json per trial) -> the best trial's best-evaluated
+checkpoint registered, and aliased (tune.champion_alias) when it beats the current holder.
 The search space is parsed and checked in tune/space.py, the ranking made in tune/ranking.py, MLflow kept
 in tune/tracking.py, and each trial run by tune/trial.py.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 
+from dinomaly.checkpoint import METADATA_FILE
 from dinomaly.config import Config
 from dinomaly.distributed.cluster import storage_for
 from dinomaly.distributed.resources import Request, amounts, check_resources
 from dinomaly.distributed.train.run import load_tables
-from dinomaly.distributed.tune.ranking import SweepOutcome, rank_trials, write_results
+from dinomaly.distributed.tune.ranking import RANKED, SweepOutcome, rank_trials, trial_record, write_results
 from dinomaly.distributed.tune.space import SearchSpace, check_search_space
 from dinomaly.distributed.tune.tracking import finish_tracking, open_parent_run
-from dinomaly.distributed.tune.trial import SweepSpec, run_trial
+from dinomaly.distributed.tune.trial import SweepSpec, objective_mode, run_trial
+from dinomaly.results import write_metrics_json
 
 logger = logging.getLogger(__name__)
 
@@ -104,22 +109,32 @@ def _tuner(config: Config, spec: SweepSpec, mode: str, callbacks: list):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     tc = config.tune
+    concurrent = max_concurrent(config)
     trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), {"cpu": tc.driver_cpus})
     scheduler = (ASHAScheduler(time_attr="evaluation", max_t=tc.evaluations, grace_period=tc.grace_period,
                                reduction_factor=tc.reduction_factor) if tc.scheduler == "asha" else FIFOScheduler())
-    search_alg = None
-    if tc.search_algorithm == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
-        search_alg = OptunaSearch(seed=config.train.seed)
     storage_path, filesystem = storage_for(config.output_root, config.data)
     return tune.Tuner(
         trainable, param_space=SearchSpace.from_config(config).to_tune(),
-        tune_config=tune.TuneConfig(metric="objective", mode=mode, num_samples=tc.num_samples, search_alg=search_alg,
-                                    scheduler=scheduler, max_concurrent_trials=max_concurrent(config),
+        tune_config=tune.TuneConfig(metric="objective", mode=mode, num_samples=tc.num_samples,
+                                    search_alg=search_algorithm(config, concurrent), scheduler=scheduler,
+                                    max_concurrent_trials=concurrent if tc.search_algorithm == "optuna" else None,
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(name=config.name, storage_path=storage_path, storage_filesystem=filesystem,
                                   failure_config=tune.FailureConfig(max_failures=0), callbacks=callbacks))
+
+
+def search_algorithm(config: Config, concurrent: int):
+    """The searcher, seeded by tune.seed: Tune's variant generator (random, and grid with its sampled ranges;
+    grid values come in a fixed order) or Optuna's TPE sampler. Same seed and config = same trials, same order."""
+    if config.tune.search_algorithm == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=config.tune.seed)  # TuneConfig.max_concurrent_trials limits it
+    from ray.tune.search import BasicVariantGenerator
+
+    # Tune ignores TuneConfig.max_concurrent_trials for a generator passed in: it takes the limit itself
+    return BasicVariantGenerator(max_concurrent=concurrent, random_state=config.tune.seed)
 
 
 def _trial_name(trial) -> str:
@@ -183,9 +198,9 @@ def run_sweep(config: Config, *, resume: bool = False, output_dir: str | Path | 
         raise FileNotFoundError(f"no sweep to resume at {path}; run without --resume to start it")
     if exists and not resume:
         raise ValueError(f"a sweep named {config.name!r} already exists at {path}; pass --resume to finish it, or "
-                         "start a new one with --set name=<new name>")
+                         "start a new one with --name <new name> or --output <new folder>")
     objective, train_rows, eval_rows = sweep_inputs(config)
-    mode = "max" if objective == "labelled" else "min"
+    mode = objective_mode(objective)
     cache = ensure_feature_cache(config, train_rows, eval_rows, objective) if config.tune.feature_cache else None
     parent = open_parent_run(config, objective) if config.tracking.enabled else None
     spec = SweepSpec(config=config, objective=objective, train_rows=train_rows, eval_rows=eval_rows, cache_uri=cache,
@@ -212,8 +227,33 @@ def run_sweep(config: Config, *, resume: bool = False, output_dir: str | Path | 
                            interrupted=interrupted, parent_run_id=parent)
     if parent:
         finish_tracking(config, outcome)
-    outcome.files = write_results(outcome, Path(output_dir) if output_dir else _local_folder(path))
+    folder = Path(output_dir) if output_dir else _local_folder(path)
+    outcome.files = write_results(outcome, folder)
+    if folder is not None:
+        write_trial_metrics(outcome, config, folder)
     return outcome
+
+
+def write_trial_metrics(outcome: SweepOutcome, config: Config, folder: Path) -> list[Path]:
+    """<folder>/<trial id>/metrics.json for every completed or early-stopped trial: its best evaluation
+    (dinomaly.results layout); in the sweep's own folder that is Tune's trial folder. An interrupted trial gets
+    its file when the resumed sweep ends (its last checkpoint may not have reached storage)."""
+    storage_filesystem = storage_for(config.output_root, config.data)[1] or pafs.LocalFileSystem()
+    written = []
+    for row in outcome.rows:
+        if row["status"] not in RANKED or not row["checkpoint"]:
+            continue
+        try:
+            with storage_filesystem.open_input_stream(f"{row['checkpoint']}/{METADATA_FILE}") as handle:
+                metadata = json.loads(handle.read())
+        except FileNotFoundError:
+            logger.warning("trial %s: no checkpoint at %s; no metrics.json for it", row["trial_id"], row["checkpoint"])
+            continue
+        target = folder / row["trial_id"] / "metrics.json"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_metrics_json(target, trial_record(row, outcome, config.name, metadata))
+        written.append(target)
+    return written
 
 
 def _stored_trials(path: str, config: Config) -> dict[str, Any]:

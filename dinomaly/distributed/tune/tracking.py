@@ -7,8 +7,9 @@ the trial itself, dinomaly.role=trial, nested with mlflow.parentRunId) get their
 FINISHED for completed and early-stopped trials, FAILED (with the reason in tag tune.error) for failed
 ones, KILLED for trials an interrupt left unfinished (a resumed sweep re-opens them).
 
-The best trial's checkpoint is logged to its child run and registered as a new version of
-tracking.registered_model_name, tagged with the objective (value, name, mode, data). The alias
+The best trial's best-evaluated checkpoint (the one its objective was measured on, see tune/ranking.py) is
+logged to its child run and registered as a new version of tracking.registered_model_name, tagged with that
+objective (value, name, mode, data) and its step. The alias
 tune.champion_alias moves to it only when it beats the objective stored on the current holder; a holder
 scored by another objective or on other data is never replaced automatically.
 """
@@ -117,7 +118,8 @@ def _download_checkpoint(config: Config, checkpoint_path: str, folder: str) -> N
 
 
 def register_best(config: Config, outcome: SweepOutcome, client) -> tuple[str, bool]:
-    """Log the best trial's checkpoint to its run, register it; (version, whether it became the champion)."""
+    """Log the best trial's best-evaluated checkpoint to its run, register it with that evaluation's objective;
+    (version, whether it became the champion)."""
     from mlflow.exceptions import MlflowException
 
     best, name, alias = outcome.best, config.tracking.registered_model_name, config.tune.champion_alias
@@ -132,7 +134,8 @@ def register_best(config: Config, outcome: SweepOutcome, client) -> tuple[str, b
                                                          "dinomaly checkpoint directory (dinomaly.checkpoint.load)")
     tags = dict(objective=repr(best["objective"]), objective_name=objective_name(config, outcome.objective),
                 objective_mode=outcome.mode, objective_data=config.data.root, sweep=config.name,
-                trial_id=best["trial_id"], **{k: repr(v) for k, v in best.items() if k.startswith("mean_")})
+                trial_id=best["trial_id"], step=str(best["best_step"]), steps_trained=str(best["steps"]),
+                **{k: repr(v) for k, v in best.items() if k.startswith("mean_")})
     source = f"{client.get_run(run_id).info.artifact_uri}/checkpoint"
     version = client.create_model_version(name, source=source, run_id=run_id, tags=tags).version
     logger.info("registered %s version %s (trial %s, objective %.4f)", name, version, best["trial_id"],

@@ -8,7 +8,8 @@ latest checkpoint.
 
 The workers run the worker skeleton of training runs (dinomaly.distributed.train.skeleton) with TrialHooks,
 on images or on the feature cache (dinomaly.features): they stop at tune.evaluations evenly spaced points,
-compute the objective there and report it with a checkpoint. A loss or gradient norm that is NaN/inf (or above tune.max_loss) fails the trial with
+compute the objective there and report it with a checkpoint; the Train run keeps the latest checkpoint (to
+resume) and the one of the best objective (to register). A loss or gradient norm that is NaN/inf (or above tune.max_loss) fails the trial with
 TrialDiverged; Tune records the reason and the sweep goes on. So does a trial whose workers' CPUs/GPUs are
 not free within cluster.start_timeout_s (TrialFailed naming what holds them).
 """
@@ -105,9 +106,11 @@ def run_trial(params: dict[str, Any], spec: SweepSpec) -> None:
     resources = worker_resources(config, uses_ray_data=False, cluster_cpus=None)
     job = TrialJob(config=config, source=source, objective=spec.objective, eval_rows=spec.eval_rows,
                    cache_uri=spec.cache_uri, mlflow_run_id=run_id)
+    # the latest checkpoint (to resume) and the best-evaluated one (to register): Ray keeps both
     trainer = build_trainer(trial_worker, job, resources, name=trial_id, storage=spec.train_storage,
                             max_failures=0,  # divergence is deterministic: no retry
-                            keep_checkpoints=1, callbacks=[TuneReportCallback()])
+                            keep_checkpoints=1, keep_best=("objective", objective_mode(spec.objective)),
+                            callbacks=[TuneReportCallback()])
     request = train_request(config, resources, what=f"trial {trial_id}")
     try:  # a trial that cannot get its workers in time fails with the reason; the sweep goes on
         check_resources(request, config.cluster.start_timeout_s)
@@ -119,6 +122,11 @@ def run_trial(params: dict[str, Any], spec: SweepSpec) -> None:
         if is_start_timeout(err):
             raise TrialFailed(str(start_timeout_error(request, config.cluster.start_timeout_s))) from None
         raise TrialFailed(failure_reason(err)) from None
+
+
+def objective_mode(objective: Objective) -> str:
+    """'max' for the labelled objective (metrics), 'min' for holdout_loss."""
+    return "max" if objective == "labelled" else "min"
 
 
 def failure_reason(err: BaseException) -> str:
@@ -206,13 +214,15 @@ class TrialHooks:
         if step not in self.points:
             return
         self.tracker.log_steps(self.records)
-        metrics, thresholds = _objective(self.job, run.model, run.runner, run.rank, run.world, run.device)
+        metrics, thresholds, by_class = _objective(self.job, run.model, run.runner, run.rank, run.world, run.device)
         metrics.update(evaluation=self.points.index(step) + 1, step=step,
                        loss=float(np.mean([r["loss"] for r in self.records])))
         self.tracker.log_steps([{k: v for k, v in metrics.items() if k not in ("evaluation", "loss")}])
         metadata = dict(step=step, run_name=run.config.name, metrics=json_safe(metrics))
         if thresholds:
             metadata["thresholds"] = json_safe(thresholds)
+        if by_class:  # per-class metrics of this evaluation: the trial's metrics.json when it is the best
+            metadata["classes"] = json_safe(by_class)
         run.report(metrics, checkpoint=True, metadata=metadata)
         self.records = []
 
@@ -221,24 +231,25 @@ class TrialHooks:
 
 
 def _objective(job: TrialJob, model: Dinomaly, runner: torch.nn.Module, rank: int, world: int,
-               device: torch.device) -> tuple[dict[str, float], dict | None]:
-    """({objective, per-metric means or holdout_loss}, thresholds or None); computed on rank 0."""
+               device: torch.device) -> tuple[dict[str, float], dict | None, dict | None]:
+    """({objective, per-metric means or holdout_loss}, thresholds, {class: metrics, 'mean': ...}); rank 0
+    computes them (the labelled objective only has thresholds and per-class metrics)."""
     tune = job.config.tune
     if job.objective == "labelled":
         evaluation = evaluate_distributed(model, job.eval_rows, job.config, rank, world, device)
         if evaluation is None:  # ranks > 0: rank 0 reports
-            return {"objective": float("nan")}, None
+            return {"objective": float("nan")}, None, None
         values = [evaluation.mean.get(name, float("nan")) for name in tune.metrics]
         finite = [v for v in values if math.isfinite(v)]
         if not finite:
             raise TrialFailed(f"objective metrics {tune.metrics} are all NaN on the test split (no defective "
                               "images or masks?); pick others in tune.metrics or use tune.objective=holdout_loss")
         metrics = {f"mean_{name}": float(v) for name, v in zip(tune.metrics, values)}
-        return dict(metrics, objective=float(np.mean(finite))), evaluation.thresholds
+        return dict(metrics, objective=float(np.mean(finite))), evaluation.thresholds, evaluation.by_class()
     if rank > 0:
-        return {"objective": float("nan")}, None
+        return {"objective": float("nan")}, None, None
     loss = holdout_loss(runner, job, device)
-    return {"objective": loss, "holdout_loss": loss}, None
+    return {"objective": loss, "holdout_loss": loss}, None, None
 
 
 @torch.no_grad()

@@ -1,0 +1,159 @@
+"""Recalibrate a trained model on new normal images (a new camera, new lighting) without retraining.
+
+    manifest rows with label 0 (any split)  --score_rows (Ray Data, model actors)-->  score per image
+      --> dinomaly.calibration.build_table per class at the target FPR (source 'calibrate.py')
+      --> a new checkpoint folder: the same weights, the new table in metadata.json
+      --> for a registry model, a new version of it tagged with the table
+
+Only normal (label 0) rows are used: defective rows, if the manifest has any, are left out and counted.
+Classes of the model that the new images do not cover keep their previous thresholds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from dinomaly.calibration import METADATA_KEY, MIN_IMAGES, ThresholdTable, build_table, stored_table
+from dinomaly.config import Config, TrackingConfig, load_config
+from dinomaly.data.manifest import load_manifest
+from dinomaly.distributed.batch.scoring import ModelBundle, ScoreSpec, build_model, score_rows
+from dinomaly.results import json_safe
+from dinomaly.tables import format_threshold_table
+
+logger = logging.getLogger(__name__)
+
+SOURCE = "calibrate.py"
+
+
+@dataclass
+class CalibrationJob:
+    """What `run` needs, checked before any Ray work."""
+
+    bundle: ModelBundle
+    rows: pa.Table  # uri, category: the normal images to score
+    target_fpr: float
+    data: str
+    registry: TrackingConfig | None  # the registry the model came from (a new version goes there), else None
+    skipped_defective: int = 0
+
+
+def normal_rows(config: Config, min_images: int = MIN_IMAGES) -> tuple[pa.Table, int]:
+    """(uri + category of every label-0 row of config.data, the number of label-1 rows left out).
+
+    A class with fewer than min_images normal images is refused: its threshold would be noise."""
+    manifest = load_manifest(config.data)
+    normal = manifest.filter(pc.equal(manifest.column("label"), 0))
+    if normal.num_rows == 0:
+        raise ValueError(f"{config.data.root} has no normal (label 0) images; calibration needs normal images only")
+    counts = Counter(normal.column("category").to_pylist())
+    few = {name: n for name, n in sorted(counts.items()) if n < min_images}
+    if few:
+        raise ValueError(f"classes with fewer than {min_images} normal images: {few}; add images or leave them out "
+                         f"with --set data.categories=[...]")
+    rows = pa.table({"uri": normal.column("image_uri"), "category": normal.column("category")})
+    return rows, manifest.num_rows - normal.num_rows
+
+
+def prepare(model: str, data: str, preset: str | None, overrides: list[str],
+            target_fpr: float | None = None) -> CalibrationJob:
+    """The model, the normal rows and the target FPR (--target-fpr, else the model's eval.target_fpr)."""
+    from dinomaly.distributed.batch.scoring import load_bundle
+
+    settings = [f"data.root={data}", *overrides]
+    if target_fpr is not None:
+        settings.append(f"eval.target_fpr={target_fpr}")
+    bundle = load_bundle(model, preset, settings)
+    if bundle.version == "official":
+        raise ValueError("official weights carry no config of ours to store a threshold table with; train or "
+                         "import them first (pipelines/train.py --init-from ...), then calibrate that checkpoint")
+    rows, defective = normal_rows(bundle.config)
+    registry = load_config(preset, overrides).tracking if model.startswith("models:/") else None
+    return CalibrationJob(bundle, rows, bundle.config.eval.target_fpr, data, registry, defective)
+
+
+def score_normals(bundle_ref, config: Config, rows: pa.Table) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """({class: scores}, [{uri, error}] of unreadable images) with the batch-scoring actors."""
+    from dinomaly.distributed.resources import wait_for_batch_resources
+
+    wait_for_batch_resources(config, "calibrate")
+    dataset = score_rows(rows, bundle_ref, config, ScoreSpec(keep_maps=False), with_masks=False)
+    scores: dict[str, list[float]] = {}
+    unreadable = []
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        for uri, name, score, error in zip(batch["uri"], batch["category"], batch["score"], batch["error"]):
+            if error:
+                unreadable.append({"uri": str(uri), "error": str(error)})
+            else:
+                scores.setdefault(str(name), []).append(float(score))
+    return {name: np.asarray(s) for name, s in sorted(scores.items())}, unreadable
+
+
+def recalibrated(previous: ThresholdTable | None, scores: dict[str, np.ndarray], target_fpr: float,
+                 seed: int) -> ThresholdTable:
+    """The new table: new per-class and global thresholds; classes not in `scores` keep their previous entry."""
+    new = build_table(scores, target_fpr, SOURCE, seed=seed)
+    kept = {name: entry for name, entry in (previous.classes if previous else {}).items() if name not in new.classes}
+    return replace(new, classes=dict(sorted({**kept, **new.classes}.items())))
+
+
+def write_version(bundle: ModelBundle, table: ThresholdTable, output: Path, data: str) -> Path:
+    """A new checkpoint folder: the bundle's weights and config, its metadata with the new table."""
+    from dinomaly.checkpoint import save
+
+    metadata = {**bundle.metadata, METADATA_KEY: table.to_dict(),
+                "calibrated_from": {"model": bundle.source, "version": bundle.version, "data": data,
+                                    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
+    model = build_model(bundle.config.model, bundle.state_dict, "cpu")
+    return save(output, model, bundle.config, metadata=json_safe(metadata))
+
+
+def register(job: CalibrationJob, table: ThresholdTable, output: Path) -> str:
+    """A new registry version of the model the job read, from `output`, tagged like the old one plus the table."""
+    from dinomaly.distributed.tracking import register_checkpoint, resolve_tracking_uri
+
+    tracking = replace(job.registry, tracking_uri=resolve_tracking_uri(job.registry),
+                       registered_model_name=job.bundle.name)
+    config = replace(job.bundle.config, tracking=tracking)
+    tags: dict[str, Any] = {**job.bundle.tags, METADATA_KEY: json.dumps(json_safe(table.to_dict())),
+                            "calibrated_from": f"{job.bundle.name}/{job.bundle.version}"}
+    _, version = register_checkpoint(config, f"calibrate-{job.bundle.name}-{time.strftime('%Y%m%dT%H%M%S')}",
+                                     output, tags)
+    return version
+
+
+def run(job: CalibrationJob, output: str | Path) -> dict[str, Any]:
+    """Start or join Ray (and stop a Ray it started), score the normal images, write the new version, print
+    the table. Returns {table, unreadable, output, version}."""
+    import ray
+
+    from dinomaly.distributed.cluster import ensure_ray
+
+    output = Path(output)
+    bundle, config = job.bundle, job.bundle.config
+    previous = stored_table(bundle.metadata, bundle.tags)
+    started = ensure_ray()
+    try:
+        scores, unreadable = score_normals(ray.put(bundle), config, job.rows)
+    finally:
+        if started:
+            ray.shutdown()
+    if unreadable:
+        logger.warning("%d unreadable images left out: %s", len(unreadable), unreadable[:3])
+    table = recalibrated(previous, scores, job.target_fpr, config.train.seed)
+    write_version(bundle, table, output, job.data)
+    version = register(job, table, output) if job.registry is not None and job.registry.enabled else None
+    print(format_threshold_table(table, previous))
+    print(f"{sum(map(len, scores.values()))} normal images scored ({len(unreadable)} unreadable, "
+          f"{job.skipped_defective} defective rows left out); new model version in {output}"
+          + (f", registered as {bundle.name} version {version}" if version else ""))
+    return {"table": table, "unreadable": unreadable, "output": output, "version": version}
