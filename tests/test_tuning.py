@@ -289,6 +289,7 @@ def test_a_sweep_where_every_trial_fails_ends_with_a_summary(ray_session, worksp
     assert pipeline.main(args) == 1
     out = capsys.readouterr().out
     assert "no trial succeeded: 2 of 2 trials failed" in out
+    assert f"Ray's run folder (trial checkpoints, sweep state for --resume): {workspace / 'runs' / 'all-fail'}" in out
     assert out.count("train.warmup_steps=3 must be in [0, train.total_steps=") >= 2
     with open(workspace / "runs" / "all-fail" / "tune_results.csv") as handle:
         assert [row["status"] for row in csv.DictReader(handle)] == ["failed", "failed"]

@@ -200,7 +200,8 @@ def summary(outcome: SweepOutcome) -> dict[str, Any]:
 
 def report_lines(outcome: SweepOutcome, config: Config) -> list[str]:
     """The closing summary: the best trial (config, metrics, checkpoint), the files, MLflow; or why none."""
-    lines = [f"results: {', '.join(str(p) for p in outcome.files) or '(no local folder; see MLflow)'}"]
+    lines = [f"results: {', '.join(str(p) for p in outcome.files) or '(no local folder; see MLflow)'}",
+             f"Ray's run folder (trial checkpoints, sweep state for --resume): {outcome.experiment_path}"]
     if outcome.parent_run_id:
         lines.append(f"MLflow: parent run {outcome.parent_run_id} in experiment {config.tracking.experiment_name!r} "
                      f"at {config.tracking.tracking_uri}")
