@@ -16,8 +16,10 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(PY) pipelines/demo.py
 
+# Two pytest-xdist workers: the modules on the session's Ray cluster on one, the others beside them
+# (tests/conftest.py groups them). `-p no:xdist` runs everything in one process, in file order.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
 
 # Everything that needs no Ray cluster or server: the inner loop while editing the core.
 test-fast: $(VENV)/.installed

@@ -207,7 +207,7 @@ def main() -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
     image = request_image(args.image_px)
     port = free_port()
-    ray.init(num_cpus=threads + 1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=threads + 1, include_dashboard=False, log_to_driver=False)
     from ray import serve
 
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import zlib
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -76,7 +77,7 @@ class ThresholdTable:
                              "'source', ...}, 'classes': {class: {...}}}") from err
 
 
-def stored_table(metadata: dict[str, Any], tags: dict[str, str] | None = None) -> ThresholdTable | None:
+def stored_table(metadata: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> ThresholdTable | None:
     """The table a model carries: its registry version's tag (JSON text) first, then its checkpoint metadata;
     None when it has neither."""
     value = (tags or {}).get(METADATA_KEY, metadata.get(METADATA_KEY))

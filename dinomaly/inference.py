@@ -60,12 +60,13 @@ def postprocess(maps: torch.Tensor, size: int = 256, blur_kernel: int = 5, blur_
 def image_scores(final_maps: torch.Tensor, max_ratio: float = 0.01) -> torch.Tensor:
     """Image score [B]: mean of the top int(H*W*max_ratio) values of each final map [B, 1, H, W] or [B, H, W].
 
-    Reference: utils.py evaluation_batch @c5c76d0 (descending sort, first k values, mean).
+    Reference: utils.py evaluation_batch @c5c76d0 (descending sort, first k values, mean). topk returns the
+    same k values in the same descending order, so the mean is bit-identical, at a fraction of a full sort's cost.
     """
     flat = final_maps.flatten(1)
     # the reference would average an empty slice (NaN) for tiny maps; keep at least the maximum
     k = max(1, int(flat.shape[1] * max_ratio))
-    return torch.sort(flat, dim=1, descending=True)[0][:, :k].mean(dim=1)
+    return torch.topk(flat, k, dim=1).values.mean(dim=1)
 
 
 def resize_masks(masks: torch.Tensor, size: int = 256) -> torch.Tensor:

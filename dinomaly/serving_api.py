@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import hmac
 import io
-import json
 import logging
 import math
 import os
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dinomaly.calibration import METADATA_KEY, ClassThreshold, ThresholdTable
+from dinomaly.calibration import ClassThreshold, ThresholdTable, stored_table
 from dinomaly.config import Config, DinomalyConfig, ServeConfig, to_dict
 from dinomaly.data.transforms import (
     CorruptImageError,
@@ -143,39 +142,21 @@ def resolve_threshold(override: float | None, method: str, metadata: Mapping[str
                      "--set serve.threshold=0.05)")
 
 
-def _calibration(metadata: Mapping[str, Any], tags: Mapping[str, str]) -> tuple[dict[str, Any] | None, str]:
-    """The per-class table as a dict and where it was found: registry tag first, then checkpoint metadata."""
-    for where, value in ((f"registry tag {METADATA_KEY}", tags.get(METADATA_KEY)),
-                         (f"metadata {METADATA_KEY}", metadata.get(METADATA_KEY))):
-        if value is None:
-            continue
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where} is not JSON ({err}); recalibrate the model or set serve.threshold") from err
-        return value, where
-    return None, ""
-
-
 def resolve_thresholds(override: float | None, method: str, metadata: Mapping[str, Any],
                        tags: Mapping[str, str] | None = None) -> ThresholdTable:
-    """The thresholds a model is served with: its per-class table (registry tag, then checkpoint metadata)
-    when it carries one, else today's single threshold (`resolve_threshold`) as the global one; serve.threshold
-    replaces the global threshold only. Each entry's `source` says where it came from."""
-    tags = tags or {}
-    data, where = _calibration(metadata, tags)
+    """The thresholds a model is served with: its per-class table (`stored_table`: registry tag, then checkpoint
+    metadata) when it carries one, else today's single threshold (`resolve_threshold`) as the global one;
+    serve.threshold replaces the global threshold only. Each entry's `source` says where it came from."""
     try:
-        if data is None:
+        table = stored_table(metadata, tags)
+        if table is None:
             value, source = resolve_threshold(override, method, metadata, tags)
             return ThresholdTable(ClassThreshold(value, source))
-        table = ThresholdTable.from_dict(data)
-        if override is not None:
-            table = replace(table, global_threshold=ClassThreshold(float(override), "serve.threshold"))
-        return table
     except ValueError as err:
-        raise ValueError(f"{where or 'the model threshold'}: {err}; recalibrate the model or set serve.threshold "
-                         "(> 0)") from err
+        raise ValueError(f"the model's thresholds: {err}; recalibrate the model or set serve.threshold (> 0)") from err
+    if override is not None:
+        table = replace(table, global_threshold=ClassThreshold(float(override), "serve.threshold"))
+    return table
 
 
 def _positive(value: Any, where: str) -> float:

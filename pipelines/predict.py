@@ -12,7 +12,8 @@ peak_col_map: the same in the eval.resize x eval.resize map), height, width, hea
 an overlay PNG under <output>/heatmaps/, colours 0 .. 2 x threshold) and error (null = scored; unreadable
 images are kept with the reason). The threshold comes from --threshold, else the registry tag or the
 checkpoint's metadata (training writes it). An existing output is resumed (images already there are skipped)
-unless --overwrite; results of another model or threshold are never mixed in.
+unless --overwrite; results of another model or threshold are never mixed in. A packed manifest
+(prepare_data.py --pack) is read from its shards; its rows are still named by their image_uri.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                           required=("model", "data", "output"), deprecated={"--input": "data"},
                           set_example="--set eval.actors=2 --set eval.gpus_per_actor=1",
                           help={"config": "YAML preset name or path (required for official .pth weights)",
-                                "data": "the images to score: a folder, an s3:// prefix or a .parquet manifest",
+                                "data": "the images to score: a folder, an s3:// prefix or a .parquet manifest "
+                                        "(a packed one is read from its shards)",
                                 "output": "result folder or s3:// prefix: results/*.parquet, summary.json, "
                                           "heatmaps/; an existing one is resumed",
                                 **ACTOR_HELP})

@@ -9,6 +9,9 @@ import os
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+# Each Train run would start a watcher actor (one more process) polling for node drains; a local test cluster
+# is never drained. tests/test_multinode.py's cluster keeps Ray's default.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -22,14 +25,29 @@ REFERENCE_DIR = Path(os.environ.get("DINOMALY_REFERENCE_DIR", Path(__file__).res
 
 REFERENCE_FILES = ("vectors.pt", "official_checkpoint.pth", "trajectory.pt")
 
-pytest_plugins: list[str] = ["fixtures_data", "fixtures_s3", "fixtures_ray", "fixtures_serving", "fixtures_mlflow"]
+pytest_plugins: list[str] = ["fixtures_data", "fixtures_s3", "fixtures_ray", "fixtures_serving", "fixtures_mlflow",
+                             "fixtures_predict"]
 
 
+@pytest.hookimpl(wrapper=True)  # runs before pytest-xdist reads the groups (a plain hook may run after it)
 def pytest_collection_modifyitems(config, items):
-    """Every test that uses the session Ray cluster is `slow`, so `make test-fast` (-m "not slow") never starts Ray."""
+    """Every test that uses the session Ray cluster is `slow`, so `make test-fast` (-m "not slow") never starts Ray.
+
+    Worker groups for `make test` (pytest-xdist, --dist loadgroup): a module runs whole on one worker, so its
+    module fixtures are built once and its release check sees only its own work; every module that uses the
+    session's Ray cluster goes to the same worker, so one cluster starts. The other worker takes the modules
+    that need no session cluster (the multinode cluster, the core), which are mostly waits on servers and
+    process start-ups, so running them beside the cluster modules shortens the suite on 2 cores.
+    """
+    def module(item) -> str:
+        return item.nodeid.split("::")[0]
+
+    on_cluster = {module(item) for item in items if "ray_session" in getattr(item, "fixturenames", ())}
     for item in items:
         if "ray_session" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+        item.add_marker(pytest.mark.xdist_group("ray_session" if module(item) in on_cluster else module(item)))
+    return (yield)
 
 
 @pytest.fixture(scope="session")

@@ -126,19 +126,26 @@ class LocalCluster:
                               for a in actors if a.job_id == job_id]))
         """, submission_id)
 
-    def wait_for_checkpoint(self, prefix: str, timeout_s: float = 300) -> list[str]:
-        """Poll the bucket until a checkpoint_* folder exists under prefix; returns the keys seen."""
-        return self.python_json("""
+    def wait_for_registered_checkpoint(self, name: str, step: int, timeout_s: float = 300) -> None:
+        """Poll until Ray Train's checkpoint snapshot of run `name` lists the checkpoint of `step`: a worker
+        killed before that takes the checkpoint with it, and the run restores from an earlier one."""
+        found = self.python_json("""
             import boto3, json, sys, time
-            client, bucket, prefix = boto3.client("s3"), sys.argv[1], sys.argv[2]
-            deadline = time.monotonic() + float(sys.argv[3])
+            client, bucket, key, wanted = boto3.client("s3"), sys.argv[1], sys.argv[2], sys.argv[3]
+            deadline = time.monotonic() + float(sys.argv[4])
             while True:
-                keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
-                if any("/checkpoint_" in key for key in keys) or time.monotonic() > deadline:
+                try:
+                    found = wanted in client.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+                except client.exceptions.NoSuchKey:
+                    found = False
+                if found or time.monotonic() > deadline:
                     break
                 time.sleep(0.5)
-            print(json.dumps(keys))
-        """, self.settings["BUCKET"], prefix, str(timeout_s), timeout_s=timeout_s)
+            print(json.dumps(found))
+        """, self.settings["BUCKET"], f"checkpoints/{name}/checkpoint_manager_snapshot.json",
+            f"checkpoint_{step:07d}", str(timeout_s), timeout_s=timeout_s)
+        if not found:
+            raise TimeoutError(f"checkpoint_{step:07d} of {name} was not registered within {timeout_s} s")
 
     def bucket_keys(self, prefix: str) -> list[str]:
         return self.python_json("""

@@ -192,3 +192,40 @@ def test_serve_scores_with_the_onnx_model(onnx_served, trained, served_model):
         assert answer.json()["score"] == pytest.approx(trained[1][name], rel=1e-4)
     model = requests.get(f"{onnx_served}v1/model", timeout=30).json()
     assert model["source"].endswith("model.onnx")
+
+
+@pytest.mark.parametrize(("size_in", "size_out"), [(16, 224), (224, 256), (392, 256), (7, 7), (5, 1)])
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_bilinear_matrix_is_torch_interpolate(size_in, size_out, align_corners):
+    import torch.nn.functional as F
+
+    from dinomaly.export.graph import bilinear_matrix
+
+    image = torch.rand(1, 1, size_in, 3, dtype=torch.float64)
+    expected = F.interpolate(image, size=(size_out, 3), mode="bilinear", align_corners=align_corners)[0, 0]
+    got = torch.from_numpy(bilinear_matrix(size_in, size_out, align_corners)) @ image[0, 0]
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(("crop", "patch", "resize", "kernel", "sigma", "ratio"),
+                         [(224, 14, 256, 5, 4.0, 0.01), (84, 14, 256, 5, 4.0, 0.01), (98, 14, 60, 7, 1.5, 0.05),
+                          (64, 16, 32, 3, 0.8, 1.0)])
+def test_exported_post_processing_equals_the_reference_steps(crop, patch, resize, kernel, sigma, ratio):
+    """The graph's one-matrix-per-axis post-processing gives the maps and scores of anomaly_map_from_features ->
+    postprocess -> image_scores (resize to crop, resize, zero-padded blur, top-k mean) in float32."""
+    from dinomaly.config import EvalConfig
+    from dinomaly.export.graph import scores_and_maps, smoothing_matrix
+    from dinomaly.inference import anomaly_map_from_features, image_scores, postprocess
+
+    torch.manual_seed(0)
+    grid = crop // patch
+    encoded = [torch.randn(3, 32, grid, grid) for _ in range(2)]
+    decoded = [e + 0.7 * torch.randn_like(e) for e in encoded]
+    config = EvalConfig(resize=resize, blur_kernel=kernel, blur_sigma=sigma, max_ratio=ratio)
+    final = postprocess(anomaly_map_from_features(encoded, decoded, crop), size=resize, blur_kernel=kernel,
+                        blur_sigma=sigma)
+    expected_scores = image_scores(final, ratio)
+    top_k = max(1, int(resize * resize * ratio))
+    scores, maps = scores_and_maps(encoded, decoded, smoothing_matrix(grid, crop, config), top_k)
+    torch.testing.assert_close(maps, final[:, 0], rtol=0, atol=2e-6)
+    torch.testing.assert_close(scores, expected_scores, rtol=2e-6, atol=0)

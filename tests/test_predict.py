@@ -1,72 +1,24 @@
 """pipelines/predict.py: bulk scoring to Parquet, one row per image (unreadable ones flagged), resumable,
 local and s3:// (moto server) inputs and outputs. main() runs in-process on the session's Ray cluster; the
-crash test runs the script in its own process group, with its own Ray, and SIGKILLs the whole group."""
+crash test (a SIGKILL mid-write) is in test_predict_crash.py. The model and images: fixtures_predict.py."""
 
 from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
-import tempfile
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
-
-from dinomaly.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "pipelines"))
 import predict as predict_cli  # noqa: E402
-
-TINY = ["model.encoder=vit_small_patch14_reg4_dinov2", "model.encoder_weights=none",
-        "model.encoder_kwargs={embed_dim: 32, num_heads: 2, depth: 10}", "model.image_size=64", "model.crop_size=56",
-        "eval.batch_size=4"]
-
-
-@pytest.fixture(scope="module")
-def model_and_images(tmp_path_factory):
-    """A tiny checkpoint whose metadata carries a threshold, 6 demo images of mixed sizes, 1 corrupt, 1 non-image."""
-    from dinomaly import Dinomaly
-    from dinomaly.checkpoint import save
-    from dinomaly.data.demo import generate_demo_dataset
-
-    base = tmp_path_factory.mktemp("predict")
-    demo = generate_demo_dataset(base / "demo", classes=["nut"], train_per_class=1, test_good_per_class=3,
-                                 test_defect_per_class=3, size=64)
-    images = base / "images"
-    for i, path in enumerate(sorted((demo / "nut" / "test").rglob("*.png"))):
-        target = images / ("sub" if i % 2 else "") / f"img{i}.png"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        size = 64 if i % 3 else 96  # peak locations are in original pixels, whatever the size
-        Image.open(path).resize((size, size)).save(target)
-    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    (images / "notes.txt").write_text("not an image: never listed")
-    config = load_config(None, TINY)
-    torch.manual_seed(0)
-    model = Dinomaly(config.model)
-    from dinomaly.inference import Predictor
-
-    scores = expected_scores(Predictor(model, config.eval), sorted(images.rglob("img*.png")))
-    threshold = float(np.median(list(scores.values())))  # some images anomalous, some not
-    checkpoint = save(base / "checkpoint", model, config, metadata={"thresholds": {"image_f1_optimal": threshold}})
-    return checkpoint, images, threshold
-
-
-def expected_scores(predictor, paths) -> dict[str, float]:
-    from dinomaly.data.transforms import decode_image, normalize, resize_crop_image
-
-    pixels = np.stack([resize_crop_image(decode_image(p.read_bytes()), 64, 56) for p in paths])
-    return dict(zip(map(str, paths), predictor.predict(normalize(pixels)).scores.tolist()))
+from fixtures_predict import expected_scores  # noqa: E402
 
 
 def read_results(output: str) -> list[dict]:
@@ -181,6 +133,45 @@ def test_s3_input_and_output_resume(model_and_images, ray_session, moto_s3):
         sum(bool(r["is_anomalous"]) for r in rows) / 6)
 
 
+def test_packed_manifest_is_scored_from_its_shards_and_resumes(model_and_images, ray_session, tmp_path):
+    """With the original files deleted, a packed manifest's images still score, each once, as the files did
+    (the scores predict gives on files: test_local_one_row_per_image_resume_and_overwrite), and a run that
+    lost a part file continues with only the missing rows."""
+    from dinomaly.config import DataConfig
+    from dinomaly.data.manifest import load_manifest, read_manifest
+    from dinomaly.data.pack import pack_manifest, packed_layout
+    from dinomaly.inference import Predictor
+
+    checkpoint, images, _ = model_and_images
+    demo = shutil.copytree(images.parent / "demo", tmp_path / "demo")  # 7 nut images (1 train), masks
+    manifest = load_manifest(DataConfig(root=str(demo)))
+    paths = [Path(uri) for uri in manifest.column("image_uri").to_pylist()]
+    wanted = expected_scores(Predictor.from_checkpoint(checkpoint), paths)
+    packed = pack_manifest(manifest, str(tmp_path / "packed.parquet"),
+                           shard_bytes=sum(manifest.column("size_bytes").to_pylist()) // 2)
+    assert len(packed_layout(read_manifest(packed))["shards"]) >= 2
+    shutil.rmtree(demo)  # from here on only the shards hold the images
+    output = tmp_path / "out"
+    args = ["--model", str(checkpoint), "--data", packed, "--output", str(output), "--rows-per-file", "3",
+            "--set", "data.fast_decode=false"]
+    assert predict_cli.main(args) == 0
+    rows = read_results(str(output))
+    assert sorted(r["uri"] for r in rows) == sorted(wanted)  # each image once, keyed by its image_uri
+    for row in rows:
+        assert row["error"] is None and row["score"] == pytest.approx(wanted[row["uri"]], abs=1e-6)
+
+    parts = sorted((output / "results").glob("part-*.parquet"))
+    assert len(parts) >= 2
+    lost = pq.read_table(parts[-1]).column("uri").to_pylist()
+    parts[-1].unlink()  # as if the run had been killed before its last part was written
+    assert predict_cli.main(args) == 0
+    summary = json.loads((output / "summary.json").read_text())
+    assert (summary["skipped"], summary["scored"], summary["errors"]) == (len(wanted) - len(lost), len(lost), 0)
+    resumed = {r["uri"]: r["score"] for r in read_results(str(output))}
+    assert len(resumed) == summary["total_rows"] == len(wanted)
+    assert resumed == pytest.approx(wanted, abs=1e-6)
+
+
 def test_unknown_folder_content_needs_overwrite(model_and_images, ray_session, tmp_path, capsys):
     checkpoint, images, _ = model_and_images
     (tmp_path / "out").mkdir()
@@ -196,150 +187,6 @@ def test_unknown_folder_content_needs_overwrite(model_and_images, ray_session, t
 # Runs pipelines/predict.py with pyarrow.parquet.write_table wrapped: the first PASSING part writes go through,
 # the next one writes half of its Parquet bytes where the pipeline put it, names that file in MARKER and waits
 # to be killed. So the SIGKILL lands mid-write every time, whatever the machine's speed.
-HOLD_MID_WRITE = """
-import os, runpy, sys, time
-import pyarrow as pa, pyarrow.parquet as pq
-marker, passing, script = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-real, parts = pq.write_table, []
-
-def write_table(table, where, *args, **kwargs):
-    if "part-" not in os.path.basename(str(where)):
-        return real(table, where, *args, **kwargs)
-    parts.append(where)
-    if len(parts) <= passing:
-        return real(table, where, *args, **kwargs)
-    sink = pa.BufferOutputStream()
-    real(table, sink)
-    data = sink.getvalue().to_pybytes()
-    with kwargs["filesystem"].open_output_stream(str(where)) as stream:
-        stream.write(data[: len(data) // 2])
-    with open(marker + ".tmp", "w") as note:
-        note.write(str(where))
-    os.replace(marker + ".tmp", marker)
-    time.sleep(3600)
-
-pq.write_table = write_table
-sys.argv = sys.argv[3:]
-runpy.run_path(script, run_name="__main__")
-"""
-
-
-def group_members(leader: int) -> set[int]:
-    """Live processes in the process group or session that `leader` started (zombies have already exited).
-    The session counts: Ray's workers each move to a process group of their own, but stay in it."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            state, _, group, session = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:4]
-        except (OSError, ValueError):
-            continue
-        if state != "Z" and leader in (int(group), int(session)):
-            found.add(int(entry.name))
-    return found
-
-
-def kill_group(process: subprocess.Popen, wait_s: float = 30) -> set[int]:
-    """SIGKILL, by id, the process group `process` leads (the script and the Ray it started) and every other
-    process of its session (Ray's workers); returns what is still alive after `wait_s`."""
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait(timeout=wait_s)
-    deadline = time.monotonic() + wait_s
-    while (left := group_members(process.pid)) and time.monotonic() < deadline:
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.2)
-    return left
-
-
-def naming(text: str) -> set[int]:
-    """Processes whose command line contains `text` (Ray's GCS and raylet name their temp dir)."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and text.encode() in (entry / "cmdline").read_bytes():
-                found.add(int(entry.name))
-        except OSError:
-            continue
-    return found
-
-
-@contextmanager
-def own_group(command: list[str], env: dict[str, str], log: Path):
-    """`command` as the leader of a new session and process group; the whole group is killed afterwards."""
-    with log.open("ab") as sink:
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    try:
-        yield process
-    finally:
-        kill_group(process)  # whatever happened in the test, nothing of the run outlives it
-
-
-def tail(log: Path) -> str:
-    return log.read_text(errors="replace")[-4000:]
-
-
-@pytest.mark.slow
-def test_killed_mid_write_leaves_readable_results_and_resumes(model_and_images, tmp_path):
-    """SIGKILL of the whole process group while a part is half-written: <output>/results reads as the README
-    says, nothing the run started survives, and re-running the same command completes each image exactly once."""
-    checkpoint, images, _ = model_and_images
-    folder = tmp_path / "in"
-    for copy in range(3):
-        for path in sorted(images.rglob("img*.png")):
-            target = folder / f"c{copy}" / path.relative_to(images)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(path, target)
-    shutil.copy(images / "broken.png", folder / "broken.png")  # an error row is a row like any other
-    inputs = sorted(str(p) for p in folder.rglob("*.png"))
-    output, marker, log = tmp_path / "out", tmp_path / "held", tmp_path / "predict.log"
-    ray_tmp = tempfile.mkdtemp(prefix="raypred_", dir="/tmp")  # short: Ray's socket paths have a length limit
-    # a Ray of its own: never the session's or a `ray start` cluster that happens to run on the machine
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_ADDRESS": "local",
-           "RAY_TMPDIR": ray_tmp, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-    script = str(REPO / "pipelines" / "predict.py")
-    args = ["--model", str(checkpoint), "--data", str(folder), "--output", str(output), "--rows-per-file", "2",
-            "--set", "eval.batch_size=2"]
-    passing = 2
-    try:
-        with own_group([sys.executable, "-c", HOLD_MID_WRITE, str(marker), str(passing), script, *args], env,
-                       log) as held:
-            deadline = time.monotonic() + 300
-            while not marker.exists() and held.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert marker.exists(), f"the run never reached part {passing + 1} (rc {held.poll()}):\n{tail(log)}"
-            half_written = Path(marker.read_text())
-            assert half_written.exists()
-            assert len(list((output / "results").glob("part-*.parquet"))) == passing
-            ray_processes = naming(ray_tmp)  # its own Ray, inside the session that is killed
-            assert ray_processes and ray_processes <= group_members(held.pid)
-            left = kill_group(held)
-            assert held.returncode == -signal.SIGKILL
-            assert not left and not naming(ray_tmp), f"processes of the killed run survived: {sorted(left)}"
-
-        table = pq.read_table(str(output / "results"))  # the README's read, right after the kill
-        survived = table.column("uri").to_pylist()
-        assert len(survived) == len(set(survived)) >= passing * 2 and set(survived) <= set(inputs)
-
-        with own_group([sys.executable, script, *args], env, log) as resumed:
-            assert resumed.wait(timeout=300) == 0, tail(log)
-        uris = pq.read_table(str(output / "results")).column("uri").to_pylist()
-        assert sorted(uris) == inputs  # every image exactly once: none lost, none scored twice
-        summary = json.loads((output / "summary.json").read_text())
-        assert (summary["skipped"], summary["total_rows"], summary["total_errors"]) == (len(survived), len(inputs), 1)
-        assert not half_written.exists()  # the killed run's leftover is cleaned on resume
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
 def test_decisions_per_row_class_with_nulls_for_unscored_rows():
     """evaluate's scores.parquet and predict's rows get the same decision columns (no Ray needed)."""
     import pyarrow as pa

@@ -2,7 +2,7 @@
 
 Serve runs in-process on the session's Ray cluster (fixtures_serving.py); two serve.run calls in all:
 the tiny model from a checkpoint directory at '/', and the same model from the MLflow registry by
-alias with bearer auth at '/secure'.
+alias with bearer auth at '/secure' on two replicas.
 """
 
 from __future__ import annotations
@@ -308,7 +308,8 @@ def test_bad_input_gets_4xx_json_and_service_keeps_serving(serve_app, case):
 @pytest.fixture(scope="module")
 def registry_app(serve_app, mlflow_template, tmp_path_factory):
     """The same checkpoint registered in a fresh sqlite MLflow store (the training code's own calls),
-    aliased 'champion', served from models:/tiny-registry@champion with a bearer token from a file."""
+    aliased 'champion', served from models:/tiny-registry@champion with a bearer token from a file, on two
+    replicas (a run-time threshold change must reach both)."""
     from mlflow import MlflowClient
     from ray import serve
 
@@ -321,7 +322,8 @@ def registry_app(serve_app, mlflow_template, tmp_path_factory):
     token_file.write_text(TOKEN + "\n")
     config = apply_overrides(serve_app.config, {
         "tracking.tracking_uri": f"sqlite:///{root}/mlflow.db", "tracking.experiment_name": "serve-test",
-        "tracking.registered_model_name": REGISTERED, "serve.auth_token_file": str(token_file)})
+        "tracking.registered_model_name": REGISTERED, "serve.auth_token_file": str(token_file),
+        "serve.num_replicas": 2})
     run_id = open_run(config, "serve-test")
     registry_threshold = min(serve_app.expected_scores.values()) / 2  # every image anomalous
     calibration = ThresholdTable(ClassThreshold(registry_threshold, "calibration"), {
@@ -403,16 +405,30 @@ def test_bad_threshold_changes_get_4xx_and_change_nothing(registry_app, body):
     assert info["threshold"] == pytest.approx(registry_threshold) and info["thresholds"]["changed_at_run_time"] == {}
 
 
+def _replicas(url: str, auth: dict, count: int = 2) -> dict[int, float]:
+    """pid -> load time of each replica behind `url`, from GET /v1/model until `count` distinct ones answered
+    (Serve routes each request to one replica)."""
+    seen: dict[int, float] = {}
+    for _ in range(100):  # both replicas answer within a few tries; 100 bounds the loop
+        replica = requests.get(f"{url}v1/model", headers=auth, timeout=30).json()["replica"]
+        seen[replica["pid"]] = replica["loaded_at"]
+        if len(seen) == count:
+            break
+    return seen
+
+
 @pytest.mark.slow
 def test_threshold_change_under_load(registry_app, serve_app):
-    """Four clients post for ~3 s while a PUT moves class 'high''s threshold below every score: no request
-    fails, every request sent after the PUT answered uses the new value, and the weights are not reloaded."""
+    """Four clients post for ~3 s to two replicas while a PUT moves class 'high''s threshold below every
+    score: no request fails, every request sent after the PUT answered uses the new value whichever replica
+    answers it, both replicas answer after it, and neither reloads its weights (same pids, same load times)."""
     url, _, _ = registry_app
     auth = {"Authorization": f"Bearer {TOKEN}"}
     images = list(serve_app.images.values())
     new = min(serve_app.expected_scores.values()) / 4
-    before = requests.get(f"{url}v1/model", headers=auth, timeout=30).json()
-    old = before["thresholds"]["classes"]["high"]["threshold"]
+    before = _replicas(url, auth)
+    assert len(before) == 2, before
+    old = requests.get(f"{url}v1/model", headers=auth, timeout=30).json()["thresholds"]["classes"]["high"]["threshold"]
     results, stop = [], threading.Event()
 
     def client(i: int) -> None:
@@ -421,9 +437,10 @@ def test_threshold_change_under_load(registry_app, serve_app):
             try:
                 response = _post_as(url, images[i % len(images)], auth, "high")
                 body = response.json() if response.status_code == 200 else {}
-                results.append((sent, response.status_code, body.get("threshold"), body.get("is_anomalous")))
+                results.append((sent, response.status_code, body.get("threshold"), body.get("is_anomalous"),
+                                response.headers.get("X-Replica-Pid")))
             except requests.RequestException as err:
-                results.append((sent, repr(err), None, None))
+                results.append((sent, repr(err), None, None, None))
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
     for thread in threads:
@@ -448,9 +465,12 @@ def test_threshold_change_under_load(registry_app, serve_app):
         assert len(early) >= 4 and len(late) >= 4, (len(early), len(late))
         assert {(r[2], r[3]) for r in early} == {(old, False)}  # the floats travel through JSON unchanged
         assert {(r[2], r[3]) for r in late} == {(new, True)}
-        after = requests.get(f"{url}v1/model", headers=auth, timeout=30).json()
-        assert after["replica"] == before["replica"]  # same process, same load time: weights not reloaded
-        assert after["thresholds"]["changed_at_run_time"] == {"classes": {"high": new}}
+        assert {int(r[4]) for r in late} == set(before)  # both replicas answered with the new value
+        after = _replicas(url, auth)
+        assert after == before  # same processes, same load times: weights not reloaded
+        for _ in range(2 * len(before)):  # either replica reports the change
+            info = requests.get(f"{url}v1/model", headers=auth, timeout=30).json()
+            assert info["thresholds"]["changed_at_run_time"] == {"classes": {"high": new}}
     finally:
         reset = requests.delete(f"{url}v1/thresholds", headers=auth, timeout=60)
         assert reset.status_code == 200 and reset.json()["classes"]["high"]["threshold"] == pytest.approx(old)

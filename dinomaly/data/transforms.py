@@ -21,10 +21,13 @@ import io
 import logging
 import struct
 import zlib
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageFile
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +193,8 @@ def normalize(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     Channels-last is assumed when the last dim is 3. Same float32 ops and order as torchvision
     (x.float() / 255, then (x - mean) / std), so results are bit-identical.
     """
+    import torch  # here, not at the top: decoding processes (Ray Data's read tasks) never load torch
+
     if isinstance(images, np.ndarray) and not images.flags.writeable:
         images = images.copy()  # Ray Data hands out read-only views; torch warns on those
     tensor = torch.as_tensor(images)
@@ -209,6 +214,8 @@ def normalize(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 def denormalize(image: torch.Tensor) -> np.ndarray:
     """The inverse of `normalize` for one image, for display: [3, H, W] float -> uint8 [H, W, 3]."""
+    import torch
+
     mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
     std = torch.tensor(IMAGENET_STD)[:, None, None]
     pixels = (image.detach().float().cpu() * std + mean).clamp(0, 1) * 255
@@ -217,6 +224,8 @@ def denormalize(image: torch.Tensor) -> np.ndarray:
 
 def mask_to_tensor(masks: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 [H,W] or [B,H,W] -> float32 [1,H,W] / [B,1,H,W] in 0..1 (ToTensor's / 255)."""
+    import torch
+
     if isinstance(masks, np.ndarray) and not masks.flags.writeable:
         masks = masks.copy()  # an uncropped PIL view is read-only; torch warns on those
     tensor = torch.as_tensor(masks)

@@ -2,12 +2,19 @@
 
     uint8 [B, crop, crop, 3] (after the reference resize to image_size and centre crop, RGB, channels last)
       -> /255, ImageNet mean/std (dinomaly.data.transforms.normalize)
-      -> Dinomaly raw map (dinomaly.model) -> resize + Gaussian blur -> top-1 % mean (dinomaly.inference)
+      -> Dinomaly features (dinomaly.model) -> 1 - cosine per fuse group, averaged
+      -> resize to crop (align_corners=True), resize to eval.resize, Gaussian blur: ONE matrix per axis
+      -> top-1 % mean (dinomaly.inference)
       -> score float32 [B], map float32 [B, eval.resize, eval.resize]
 
-Every step calls the same core function the eager `Predictor` calls; the only change is made on a copy of the
-model: the encoder's position table is resampled to the crop's grid once, before tracing, so the graph holds the
-resampled table as a constant instead of a bicubic resize that ONNX cannot express with DINOv2's scale factor.
+The network runs as the eager `Predictor` runs it, on a copy of the model whose encoder position table is
+resampled to the crop's grid once, before tracing (the graph holds it as a constant instead of a bicubic resize
+that ONNX cannot express with DINOv2's scale factor). The post-processing is the same arithmetic rearranged:
+both bilinear resizes, the group mean and the zero-padded Gaussian blur are linear and act on rows and columns
+separately, so the final map is S @ distance @ S.T with one [resize, grid] matrix S built here. That replaces
+two full-size resizes and a 2-D convolution over resize x resize maps with two small matrix products, and the
+score takes the top k with TopK(k) instead of a full sort. The export check compares the result with the eager
+path, as for every other step.
 """
 
 from __future__ import annotations
@@ -16,13 +23,14 @@ import copy
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dinomaly.config import EvalConfig
 from dinomaly.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from dinomaly.inference import image_scores, postprocess
-from dinomaly.model.anomaly_map import anomaly_map_from_features
+from dinomaly.inference import gaussian_kernel
 from dinomaly.model.dinomaly import Dinomaly
 from dinomaly.model.encoder import interpolate_patch_pos_embed
 
@@ -49,6 +57,42 @@ def fixed_size_copy(model: Dinomaly, crop_size: int) -> Dinomaly:
     return fixed
 
 
+def bilinear_matrix(size_in: int, size_out: int, align_corners: bool) -> np.ndarray:
+    """[size_out, size_in] float64: F.interpolate(mode='bilinear') along one axis, as a matrix."""
+    out = np.arange(size_out, dtype=np.float64)
+    if align_corners:
+        source = out * ((size_in - 1) / (size_out - 1)) if size_out > 1 else np.zeros(size_out)
+    else:
+        source = np.maximum((out + 0.5) * (size_in / size_out) - 0.5, 0.0)  # torch clamps negatives to 0
+    low = np.minimum(np.floor(source).astype(int), size_in - 1)
+    high = np.minimum(low + 1, size_in - 1)
+    weight = source - low
+    matrix = np.zeros((size_out, size_in))
+    np.add.at(matrix, (np.arange(size_out), low), 1.0 - weight)
+    np.add.at(matrix, (np.arange(size_out), high), weight)
+    return matrix
+
+
+def blur_matrix(size: int, kernel_size: int, sigma: float) -> np.ndarray:
+    """[size, size] float64: the zero-padded Gaussian blur of dinomaly.inference along one axis."""
+    kernel = gaussian_kernel(kernel_size, sigma)[0, 0].double()
+    taps = (kernel.sum(dim=1) / kernel.sum()).numpy()  # the 2-D kernel is the outer product of these taps
+    half = kernel_size // 2
+    matrix = np.zeros((size, size))
+    for offset in range(-half, half + 1):
+        matrix += np.diag(np.full(size - abs(offset), taps[offset + half]), k=offset)
+    return matrix
+
+
+def smoothing_matrix(grid: int, crop_size: int, eval_config: EvalConfig) -> torch.Tensor:
+    """[resize, grid] float32 S with final map = S @ raw grid map @ S.T (resizes and blur of Predictor)."""
+    resize = eval_config.resize
+    matrix = (blur_matrix(resize, eval_config.blur_kernel, eval_config.blur_sigma)
+              @ bilinear_matrix(crop_size, resize, align_corners=False)
+              @ bilinear_matrix(grid, crop_size, align_corners=True))
+    return torch.from_numpy(matrix).float()
+
+
 class ExportGraph(nn.Module):
     """uint8 pixels [B, crop, crop, 3] -> (scores [B], maps [B, resize, resize]), as `Predictor` computes them."""
 
@@ -56,18 +100,25 @@ class ExportGraph(nn.Module):
         super().__init__()
         self.crop_size = model.config.crop_size
         self.model = fixed_size_copy(model, self.crop_size)
-        self.eval_config = eval_config
+        grid = self.crop_size // self.model.encoder.vit.patch_embed.patch_size[0]
+        self.top_k = max(1, int(eval_config.resize ** 2 * eval_config.max_ratio))  # as image_scores counts
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("smooth", smoothing_matrix(grid, self.crop_size, eval_config))
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # the same float32 operations in the same order as transforms.normalize
         images = (pixels.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std
         encoded, decoded = self.model(images)
-        raw = anomaly_map_from_features(encoded, decoded, self.crop_size)
-        cfg = self.eval_config
-        final = postprocess(raw, size=cfg.resize, blur_kernel=cfg.blur_kernel, blur_sigma=cfg.blur_sigma)
-        return image_scores(final, cfg.max_ratio), final[:, 0]
+        return scores_and_maps(encoded, decoded, self.smooth, self.top_k)
+
+
+def scores_and_maps(encoded: list[torch.Tensor], decoded: list[torch.Tensor], smooth: torch.Tensor,
+                    top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group feature maps [B, C, h, w] -> (scores [B], final maps [B, resize, resize]) with S = `smooth`."""
+    distance = torch.stack([1 - F.cosine_similarity(enc, dec, dim=1) for enc, dec in zip(encoded, decoded)])
+    final = smooth @ distance.mean(dim=0) @ smooth.T
+    return torch.topk(final.flatten(1), top_k, dim=1).values.mean(dim=1), final
 
 
 def trace_onnx(model: Dinomaly, eval_config: EvalConfig, path: Path) -> Path:

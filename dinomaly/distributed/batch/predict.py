@@ -1,5 +1,7 @@
 """Bulk scoring of unlabelled images (a folder, an s3:// prefix or a manifest) into Parquet, resumable.
 
+A packed manifest (dinomaly.data.pack) is read from its shards; its rows are still known by image_uri.
+
 Output location (folder or s3:// prefix):
     results/part-<run>-<n>.parquet  one row per input image (RESULT_SCHEMA), written every `rows_per_file`
                              rows; read it all with pandas.read_parquet("<output>/results") or Ray Data
@@ -20,7 +22,7 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -59,18 +61,31 @@ RUN_FILE, SUMMARY_FILE, HEATMAP_DIR, RESULTS_DIR = "run.json", "summary.json", "
 INCOMPLETE_DIR = ".incomplete"
 
 
-def list_classes(input_uri: str, config: Config) -> dict[str, str]:
-    """uri -> class from a manifest's category (or class) column; {} for a folder or a list without one."""
+def _by_uri(input_uri: str, config: Config, *wanted: tuple[str, ...]) -> dict[str, tuple]:
+    """uri -> the values of the first present column of each `wanted` group, from a Parquet input; {} for a
+    folder, or when a group has no column there."""
     if not input_uri.endswith(".parquet"):
         return {}
     fs, path = filesystem_for(input_uri, config.data)
     names = pq.read_schema(path, filesystem=fs).names
-    uri_column = next((c for c in ("image_uri", "uri") if c in names), None)
-    class_column = next((c for c in ("category", "class") if c in names), None)
-    if uri_column is None or class_column is None:
+    columns = [next((c for c in group if c in names), None) for group in (("image_uri", "uri"), *wanted)]
+    if None in columns:
         return {}
-    table = pq.read_table(path, filesystem=fs, columns=[uri_column, class_column])
-    return dict(zip(table.column(uri_column).to_pylist(), table.column(class_column).to_pylist()))
+    table = pq.read_table(path, filesystem=fs, columns=columns)
+    uris, *values = (table.column(c).to_pylist() for c in columns)
+    return dict(zip(uris, zip(*values)))
+
+
+def list_classes(input_uri: str, config: Config) -> dict[str, str]:
+    """uri -> class from a manifest's category (or class) column; {} for a folder or a list without one."""
+    return {uri: category for uri, (category,) in _by_uri(input_uri, config, ("category", "class")).items()}
+
+
+def list_shards(input_uri: str, config: Config) -> dict[str, tuple[str, int]]:
+    """uri -> (shard_uri, shard_row) of a packed manifest (dinomaly.data.pack), whose images are read from its
+    shards, not from their original files; {} for anything else."""
+    return {uri: (shard, int(row)) for uri, (shard, row)
+            in _by_uri(input_uri, config, ("shard_uri",), ("shard_row",)).items()}
 
 
 def list_inputs(input_uri: str, config: Config) -> list[str]:
@@ -236,12 +251,13 @@ class PredictSummary:
 
 def predict(bundle_ref, bundle: ModelBundle, config: Config, inputs: list[str], output_uri: str,
             threshold: float | ThresholdTable, heatmaps: bool = False, overwrite: bool = False,
-            rows_per_file: int = 2000, progress: bool = False, classes: dict[str, str] | None = None
-            ) -> PredictSummary:
+            rows_per_file: int = 2000, progress: bool = False, classes: dict[str, str] | None = None,
+            shards: dict[str, tuple[str, int]] | None = None) -> PredictSummary:
     """Score `inputs` that are not yet in `output_uri`; write Parquet parts as results stream in.
 
     threshold: the model's thresholds (a number = one global threshold); classes: uri -> class, whose
-    threshold then decides (a class the table lacks, or no class, uses the global threshold)."""
+    threshold then decides (a class the table lacks, or no class, uses the global threshold); shards: uri ->
+    (shard_uri, shard_row) of a packed manifest (list_shards): those images are read from their shards."""
     from dinomaly.distributed.resources import wait_for_batch_resources
 
     wait_for_batch_resources(config, "predict")  # the actor pool's CPUs/GPUs, within cluster.start_timeout_s
@@ -261,6 +277,10 @@ def predict(bundle_ref, bundle: ModelBundle, config: Config, inputs: list[str], 
         rows = {"uri": pa.array(todo, pa.string())}
         if classes:
             rows["category"] = pa.array([classes.get(uri) for uri in todo], pa.string())
+        if shards:  # results stay keyed by image uri; only the bytes come from the shards
+            located = [shards[uri] for uri in todo]
+            rows["shard_uri"] = pa.array([shard for shard, _ in located], pa.string())
+            rows["shard_row"] = pa.array([row for _, row in located], pa.int32())
         dataset = score_rows(pa.table(rows), bundle_ref, config, spec, with_masks=False)
         _stream(dataset, store, table, counts, run_id, rows_per_file, len(todo), progress)
     totals = store.results(["error", "is_anomalous"])
@@ -308,6 +328,7 @@ class PredictJob:
     thresholds: ThresholdTable
     inputs: list[str]
     classes: dict[str, str]
+    shards: dict[str, tuple[str, int]] = field(default_factory=dict)  # a packed manifest's: uri -> (shard, row)
 
 
 def prepare(model: str, input_uri: str, preset: str | None, overrides: list[str], threshold: float | None,
@@ -328,7 +349,11 @@ def prepare(model: str, input_uri: str, preset: str | None, overrides: list[str]
     if unknown:
         logger.warning("classes %s have no threshold of their own in this model (it knows %s); their images are "
                        "decided by the global threshold", unknown, sorted(table.classes) or "none")
-    return PredictJob(bundle, table, list_inputs(input_uri, bundle.config), classes)
+    shards = list_shards(input_uri, bundle.config)
+    if shards:
+        logger.info("%s is packed: its images are read from its %d shards", input_uri,
+                    len({shard for shard, _ in shards.values()}))
+    return PredictJob(bundle, table, list_inputs(input_uri, bundle.config), classes, shards)
 
 
 def run(job: PredictJob, output_uri: str, *, heatmaps: bool = False, overwrite: bool = False,
@@ -345,7 +370,7 @@ def run(job: PredictJob, output_uri: str, *, heatmaps: bool = False, overwrite: 
     try:
         summary = predict(ray.put(job.bundle), job.bundle, job.bundle.config, job.inputs, output_uri,
                           job.thresholds, heatmaps=heatmaps, overwrite=overwrite, rows_per_file=rows_per_file,
-                          progress=sys.stderr.isatty(), classes=job.classes)
+                          progress=sys.stderr.isatty(), classes=job.classes, shards=job.shards)
     except ValueError as err:  # an output of another run without --overwrite
         raise UsageError(str(err)) from err
     finally:

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import HTMLResponse
 from ray import serve
 from ray.serve import Application
@@ -75,6 +75,7 @@ def create_api(service: ScoringService, score: ScoreFn, publish: PublishFn | Non
                   "score, a verdict and optionally a heatmap (PNG, jet colours, threshold = mid-scale).")
     add_error_handlers(api)
     limits = service.serve_config
+    replica = {"X-Replica-Pid": str(os.getpid())}  # which replica answered: its pid in GET /v1/model
 
     async def predict_one(name: str, data: bytes, heatmap: bool, class_name: str | None) -> dict[str, Any]:
         model_input = await asyncio.to_thread(service.prepare, data, name)
@@ -111,8 +112,10 @@ def create_api(service: ScoringService, score: ScoreFn, publish: PublishFn | Non
 
     @api.post("/v1/predict", response_model=Prediction, response_model_exclude_none=True,
               summary="Score one image (raw body or multipart)", openapi_extra=IMAGE_BODY)
-    async def predict(request: Request, heatmap: bool = False, class_name: str | None = CLASS) -> dict[str, Any]:
+    async def predict(request: Request, response: Response, heatmap: bool = False, class_name: str | None = CLASS
+                      ) -> dict[str, Any]:
         start = time.perf_counter()
+        response.headers.update(replica)
         check_bearer(request.headers.get("authorization"), service.token)
         service.check_class(class_name)
         [(name, data)] = await read_images(request, 1, limits.max_image_bytes)
@@ -121,9 +124,10 @@ def create_api(service: ScoringService, score: ScoreFn, publish: PublishFn | Non
 
     @api.post("/v1/predict/batch", response_model=BatchPrediction, response_model_exclude_none=True,
               summary="Score several images (multipart, one file part each)", openapi_extra=BATCH_BODY)
-    async def predict_batch(request: Request, heatmap: bool = False, class_name: str | None = CLASS
-                            ) -> dict[str, Any]:
+    async def predict_batch(request: Request, response: Response, heatmap: bool = False,
+                            class_name: str | None = CLASS) -> dict[str, Any]:
         start = time.perf_counter()
+        response.headers.update(replica)
         check_bearer(request.headers.get("authorization"), service.token)
         service.check_class(class_name)
         images = await read_images(request, limits.max_batch_images, limits.max_image_bytes)
@@ -259,7 +263,10 @@ def build_app(model_uri: str, config: Config, user_config: dict[str, Any] | None
 
     user_config defaults to no run-time threshold changes, so a plain redeploy puts the model's own back.
     version: the deployment version to keep (a replica redeploying itself passes its own); '' = computed."""
-    # a pinned version is what makes a user_config-only redeploy a reconfigure instead of a restart
+    # a pinned version is what makes a user_config-only redeploy a reconfigure instead of a restart. Ray 2.60
+    # has no public way to pin it from Python: serve.run gives a deployment without a version a random one (so
+    # every redeploy replaces the replicas) and the public options() refuses `version`; only `serve deploy`
+    # configs keep replicas, and they need an import path and the dashboard
     version = version or deployment_version(model_uri, config)
     deployment = DinomalyScorer.options(**deployment_options(config), user_config=user_config or {"thresholds": {}},
                                         version=version, _internal=True)

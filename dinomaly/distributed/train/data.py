@@ -46,12 +46,12 @@ import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import ray
 import ray.data
-import torch
 
 from dinomaly.config import Config
 from dinomaly.data.manifest import is_packed, read_manifest, select
@@ -60,6 +60,9 @@ from dinomaly.data.reader import RowError, RowReader
 from dinomaly.data.storage import StorageOptions, check_reachable, filesystem_for, split_uri
 from dinomaly.data.transforms import normalize
 from dinomaly.distributed.train.prefetch import prefetched
+
+if TYPE_CHECKING:  # the read tasks import this module: no torch there
+    import torch
 
 logger = logging.getLogger(__name__)
 

@@ -150,15 +150,20 @@ def hold_back(train_rows: pa.Table, config: Config) -> tuple[pa.Table, pa.Table]
     return train_rows.take(keep), train_rows.take(held)
 
 
+STATUS_DIR_ENV = "DINOMALY_STATUS_DIR"  # a folder every worker can write: see TrainJob.status_dir
+
+
 def run(config: Config, *, init_from: str = "", output: str | Path | None = None) -> TrainResult:
     """The train job as the entry points run it: start or join Ray, train with a progress line per report,
-    write <output> (default runs/<name>) and print the summary. Call check_before_start first."""
+    write <output> (default runs/<name>) and print the summary. Call check_before_start first.
+    $DINOMALY_STATUS_DIR, when set, is the workers' status folder (their pids and steps; TrainJob.status_dir)."""
     from dinomaly.distributed.train.progress import ProgressFormatter, summary_lines
 
     ensure_ray()
     progress = ProgressFormatter()
     result = train(config, init_from=init_from, output_dir=output or Path("runs") / config.name,
-                   on_progress=lambda note: print(progress(note), flush=True))
+                   on_progress=lambda note: print(progress(note), flush=True),
+                   status_dir=os.environ.get(STATUS_DIR_ENV, ""))
     print("\n".join(summary_lines(result)))
     for one in result.children or (result,):
         if (one.thresholds or {}).get("decisions"):

@@ -1,8 +1,9 @@
 """The one worker skeleton of every Ray Train run (training and Tune trials) and the one TorchTrainer builder.
 
-Every worker seeds, builds its model (the run's latest checkpoint, else --init-from weights, else fresh),
-wraps the trainable part in DDP, restores its own dropout RNG stream and runs dinomaly.loop.train_steps in
-chunks up to the steps its hooks ask for. At each such step the hooks evaluate, log and report: training
+Every worker seeds, starts its batch source at the step it resumes from (a Ray Data pipeline then starts up
+while the rest is set up), builds its model (the run's latest checkpoint, else --init-from weights, else
+fresh), wraps the trainable part in DDP, restores its own dropout RNG stream and runs
+dinomaly.loop.train_steps in chunks up to the steps its hooks ask for. At each such step the hooks evaluate, log and report: training
 (dinomaly.distributed.train.worker) checkpoints, logs to MLflow and writes the final outputs; a Tune trial
 (dinomaly.distributed.tune.trial) computes its objective and reports it to Tune.
 
@@ -145,18 +146,24 @@ def run_worker(job: WorkerJob, hooks: Hooks) -> Any:
     seed_everything(tc.seed)
     if tc.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    start = initial_model(job)
-    runner = FeatureInput(start.model) if isinstance(job.source, FeatureBatches) else start.model
-    trained = distribute(runner, start.model, device)
-    saved = start.train_state
-    state = TrainState.from_state_dict(trained, config, saved) if saved else TrainState.create(trained, config)
-    restore_rank_rng(saved, rank, world, tc.seed, state.step, device)
-    end = min(tc.total_steps, job.stop_at_step or tc.total_steps)
-    run = WorkerRun(config, rank, world, device, start, runner, trained, state, end, start_step=state.step)
-    hooks.start(run)
-    batches = _Timed(job.source.iterate(rank, world, state.step))
-    while run.state.step < run.end:
-        hooks.at_stop(run, _train_chunk(run, batches, hooks.next_stop(run)))
+    restored = restored_start(job)
+    saved = restored.train_state if restored else None
+    # the batch source starts now (a Ray Data pipeline: its executor and first reads), so its start-up runs
+    # while the model is built, moved, wrapped and the hooks start, not while step 1 waits
+    batches = _Timed(job.source.iterate(rank, world, int(saved["step"]) if saved else 0))
+    try:
+        start = restored or initial_model(job)
+        runner = FeatureInput(start.model) if isinstance(job.source, FeatureBatches) else start.model
+        trained = distribute(runner, start.model, device)
+        state = TrainState.from_state_dict(trained, config, saved) if saved else TrainState.create(trained, config)
+        restore_rank_rng(saved, rank, world, tc.seed, state.step, device)
+        end = min(tc.total_steps, job.stop_at_step or tc.total_steps)
+        run = WorkerRun(config, rank, world, device, start, runner, trained, state, end, start_step=state.step)
+        hooks.start(run)
+        while run.state.step < run.end:
+            hooks.at_stop(run, _train_chunk(run, batches, hooks.next_stop(run)))
+    finally:
+        batches.close()  # ends its reads: a Ray Data pipeline shuts down once every worker has closed
     return hooks.finish(run)
 
 
@@ -169,18 +176,23 @@ def quiet_report_log() -> None:
         logging.getLogger(spec.origin).setLevel(logging.WARNING)
 
 
-def initial_model(job: WorkerJob) -> Start:
-    """The run's latest checkpoint (model, train state, metadata), else the --init-from weights, else fresh."""
+def restored_start(job: WorkerJob) -> Start | None:
+    """The run's latest checkpoint (model, train state, metadata); None when the run starts afresh."""
     import ray.train
 
-    config = job.config
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            loaded = load(directory)
-        model = Dinomaly(config.model, load_encoder_weights=False)
-        model.load_state_dict(loaded.model.state_dict())
-        return Start(model, loaded.train_state, loaded.metadata or {}, checkpoint.path)
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        loaded = load(directory)
+    model = Dinomaly(job.config.model, load_encoder_weights=False)
+    model.load_state_dict(loaded.model.state_dict())
+    return Start(model, loaded.train_state, loaded.metadata or {}, checkpoint.path)
+
+
+def initial_model(job: WorkerJob) -> Start:
+    """A fresh run's model: the --init-from weights, else the configured encoder weights and a new decoder."""
+    config = job.config
     model = Dinomaly(config.model, load_encoder_weights=not job.init_from)
     if job.init_from:
         try:
@@ -269,6 +281,12 @@ class _Timed:
         finally:
             self.waits.append(time.perf_counter() - start)
             self.wait_s += self.waits[-1]
+
+    def close(self) -> None:
+        """Stop the source: a prefetching one ends its thread and its Ray Data iteration."""
+        close = getattr(self.source, "close", None)
+        if close is not None:
+            close()
 
 
 def _train_chunk(run: WorkerRun, batches: _Timed, target: int) -> Chunk:
