@@ -26,7 +26,7 @@ REFERENCE_DIR = Path(os.environ.get("DINOMALY_REFERENCE_DIR", Path(__file__).res
 REFERENCE_FILES = ("vectors.pt", "official_checkpoint.pth", "trajectory.pt")
 
 pytest_plugins: list[str] = ["fixtures_data", "fixtures_s3", "fixtures_ray", "fixtures_serving", "fixtures_mlflow",
-                             "fixtures_predict"]
+                             "fixtures_predict", "fixtures_evaluate"]
 
 
 @pytest.hookimpl(wrapper=True)  # runs before pytest-xdist reads the groups (a plain hook may run after it)

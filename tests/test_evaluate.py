@@ -1,4 +1,5 @@
-"""pipelines/evaluate.py: Ray Data scoring + per-class streamed metrics equal the core on the same maps.
+"""pipelines/evaluate.py: Ray Data scoring + per-class streamed metrics equal the core on the same maps
+(the subprocess run of the script: test_evaluate_cli.py; data, checkpoint and core metrics: fixtures_evaluate.py).
 
 Real parts at toy size: a random-init tiny DINOv2-reg encoder saved with dinomaly.checkpoint.save, generated
 MVTec-layout demo data (64 px, one test image corrupted), the session's local Ray cluster, a sqlite MLflow.
@@ -8,68 +9,20 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from dinomaly.config import apply_overrides, load_config
 from dinomaly.metrics import METRIC_NAMES, compute_metrics
-from dinomaly.results import validate_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "pipelines"))
 import evaluate as evaluate_cli  # noqa: E402
-
-CLASSES = ["nut", "pill"]
-TINY = ["model.encoder=vit_small_patch14_reg4_dinov2", "model.encoder_weights=none",
-        "model.encoder_kwargs={embed_dim: 32, num_heads: 2, depth: 10}", "model.image_size=64", "model.crop_size=56",
-        "eval.batch_size=4", "data.layout=mvtec"]
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """Demo data (2 classes x 3 good + 3 defective test images, one good image corrupted) and a tiny checkpoint."""
-    from dinomaly import Dinomaly
-    from dinomaly.checkpoint import save
-    from dinomaly.data.demo import generate_demo_dataset
-
-    base = tmp_path_factory.mktemp("evaluate")
-    root = generate_demo_dataset(base / "demo", classes=CLASSES, train_per_class=1, test_good_per_class=3,
-                                 test_defect_per_class=3, size=64)
-    corrupt = sorted((root / "pill" / "test" / "good").glob("*.png"))[0]
-    corrupt.write_bytes(corrupt.read_bytes()[:100])  # truncated PNG
-    config = load_config(None, TINY)
-    torch.manual_seed(0)
-    checkpoint = save(base / "checkpoint", Dinomaly(config.model), config)
-    return root, checkpoint, config, corrupt
-
-
-def core_metrics(root: Path, predictor, config) -> dict[str, dict[str, float]]:
-    """The seven metrics per class with the core alone: ManifestDataset -> Predictor -> resize_masks ->
-    compute_metrics on all maps of the class at once (the reference's all-in-memory evaluation)."""
-    from dinomaly.data.dataset import ManifestDataset, iterate_batches
-    from dinomaly.data.manifest import load_manifest, select
-    from dinomaly.inference import resize_masks
-
-    table = select(load_manifest(apply_overrides(config, {"data.root": str(root)}).data), split="test")
-    parts = defaultdict(lambda: defaultdict(list))
-    for batch in iterate_batches(ManifestDataset(table, config.model), batch_size=4):
-        result = predictor.predict(batch.images)
-        masks = resize_masks(batch.masks, config.eval.resize)[:, 0].numpy()
-        for i, name in enumerate(batch.categories):
-            for key, value in (("labels", batch.labels[i].item()), ("scores", result.scores[i]),
-                               ("masks", masks[i]), ("maps", result.maps[i])):
-                parts[name][key].append(value)
-    return {name: compute_metrics(np.array(p["labels"]), np.array(p["scores"]), np.stack(p["masks"]),
-                                  np.stack(p["maps"])) for name, p in parts.items()}
+from fixtures_evaluate import CLASSES, core_metrics  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -212,57 +165,3 @@ def test_outputs_are_replaced_whole_or_not_at_all(tmp_path):
 def test_official_weights_need_a_config(reference_dir, capsys):
     rc = evaluate_cli.main(["--model", str(reference_dir / "official_checkpoint.pth"), "--data", "unused"])
     assert rc == 2 and "--config" in capsys.readouterr().err
-
-
-def f1_max(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Best F1 over all thresholds, the reference's way (precision_recall_curve, its last point left out)."""
-    precision, recall, _ = precision_recall_curve(labels, scores)
-    return float((2 * precision * recall / (precision + recall + 1e-7))[:-1].max())
-
-
-@pytest.mark.slow  # pipelines/evaluate.py starts its own Ray
-def test_official_checkpoint_end_to_end_cli(setup, reference_dir, reference_model, tmp_path):
-    """The one subprocess run: `python pipelines/evaluate.py` on the official-format tiny checkpoint with its own
-    preset; its scores equal the reference model (load_official) scored in this process."""
-    from dinomaly.data.storage import read_bytes
-    from dinomaly.data.transforms import decode_image, normalize, resize_crop_image
-    from dinomaly.inference import Predictor
-
-    root = setup[0]
-    preset = tmp_path / "reference.yaml"
-    preset.write_text(
-        "model:\n  encoder: vit_small_patch14_reg4_dinov2\n  encoder_weights: none\n"
-        "  encoder_kwargs: {embed_dim: 32, num_heads: 2}\n  image_size: 84\n  crop_size: 84\n"
-        "eval:\n  batch_size: 4\n")
-    output = tmp_path / "out"
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(REPO / "pipelines" / "evaluate.py"), "--model",
-                           str(reference_dir / "official_checkpoint.pth"), "--config", str(preset), "--data", str(root),
-                           "--output", str(output)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "mean" in done.stdout and "P-AUPRO" in done.stdout
-    info = json.loads((output / "metrics.json").read_text())
-    assert info["model"]["version"] == "official" and list(info["classes"]) == CLASSES
-    validate_metrics(info)  # the one metrics.json schema of train, tune trials and evaluate
-    assert info["schema_version"] == 1 and info["job"] == "evaluate"
-    rows = [r for r in pq.read_table(output / "scores.parquet").to_pylist() if not r["error"]]
-    assert len(rows) == 11
-    pixels = np.stack([resize_crop_image(decode_image(read_bytes(r["uri"])), 84, 84) for r in rows])
-    predictor = Predictor(reference_model, load_config(str(preset)).eval)
-    np.testing.assert_allclose([r["score"] for r in rows], predictor.predict(normalize(pixels)).scores,
-                               rtol=1e-5, atol=1e-6)
-
-    # image metrics recomputed with scikit-learn from scores.parquet and the labels the demo layout gives
-    # (test/good is normal), not the pipeline's label column; pixel metrics from the core on the same model
-    pixel = core_metrics(root, predictor, load_config(str(preset)))
-    for name in CLASSES:
-        mine = [r for r in rows if r["category"] == name]
-        labels = np.array([int(Path(r["uri"]).parent.name != "good") for r in mine])
-        assert [r["label"] for r in mine] == labels.tolist()
-        scores = np.array([r["score"] for r in mine], dtype=np.float64)
-        expected = {"image_auroc": roc_auc_score(labels, scores), "image_ap": average_precision_score(labels, scores),
-                    "image_f1_max": f1_max(labels, scores)}
-        expected.update({k: v for k, v in pixel[name].items() if k.startswith("pixel")})
-        assert set(expected) == set(METRIC_NAMES)
-        for key, value in expected.items():
-            assert info["classes"][name][key] == pytest.approx(value, abs=1e-6), (name, key)
