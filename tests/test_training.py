@@ -253,7 +253,8 @@ def test_a_killed_worker_without_retries_fails_the_run_clearly(ray_session, traj
     thread.join(timeout=300)
     assert not thread.is_alive() and len(errors) == 1, errors
     assert isinstance(errors[0], ray.train.WorkerGroupError), repr(errors[0])
-    assert list(errors[0].worker_failures) == [1]  # the lost worker, named; not a failure of the retried run
+    # the killed rank is named; rank 0 may be too (its all-reduce with the dead peer breaks)
+    assert 1 in errors[0].worker_failures and set(errors[0].worker_failures) <= {0, 1}
     assert "Training failed due to worker errors" in str(errors[0]) and "actor died unexpectedly" in str(errors[0])
     assert not (tmp_path / "out").exists()
 
