@@ -7,10 +7,15 @@ export RAY_TRAIN_ENABLE_PRINT_PATCH := 0
 
 .PHONY: demo test test-fast bench lint clean
 
+# A connection dropped mid-download (it happens with the large wheels) resumes; a failed install is retried whole.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --retries 10 --timeout 60 --upgrade pip
+	for attempt in 1 2 3; do \
+	  $(PY) -m pip install --quiet --retries 10 --timeout 60 --resume-retries 20 -e '.[test]' && break; \
+	  if [ $$attempt = 3 ]; then exit 1; fi; \
+	  echo "pip install failed (attempt $$attempt of 3); retrying in 20 s"; sleep 20; \
+	done
 	touch $@
 
 demo: $(VENV)/.installed
