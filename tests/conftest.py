@@ -29,15 +29,20 @@ pytest_plugins: list[str] = ["fixtures_data", "fixtures_s3", "fixtures_ray", "fi
                              "fixtures_predict", "fixtures_evaluate"]
 
 
+# Cluster modules that `make test` runs on a second session cluster, on the worker that runs the rest.
+SECOND_CLUSTER = {"tests/test_tuning.py"}
+
+
 @pytest.hookimpl(wrapper=True)  # runs before pytest-xdist reads the groups (a plain hook may run after it)
 def pytest_collection_modifyitems(config, items):
     """Every test that uses the session Ray cluster is `slow`, so `make test-fast` (-m "not slow") never starts Ray.
 
     Worker groups for `make test` (pytest-xdist, --dist loadgroup): a module runs whole on one worker, so its
-    module fixtures are built once and its release check sees only its own work; every module that uses the
-    session's Ray cluster goes to the same worker, so one cluster starts. The other worker takes the modules
-    that need no session cluster (the multinode cluster, the core), which are mostly waits on servers and
-    process start-ups, so running them beside the cluster modules shortens the suite on 2 cores.
+    module fixtures are built once and its release check sees only its own work. The modules that use the
+    session's Ray cluster form two groups, each on one worker with its own cluster (`ray_session` is per
+    process): the Tune sweeps (SECOND_CLUSTER) run beside the modules that need no session cluster (the
+    multinode cluster, subprocess pipelines, the core), which are mostly waits on servers and process
+    start-ups, and the rest of the cluster modules run on the other worker. That balances the two workers.
     """
     def module(item) -> str:
         return item.nodeid.split("::")[0]
@@ -46,7 +51,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "ray_session" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
-        item.add_marker(pytest.mark.xdist_group("ray_session" if module(item) in on_cluster else module(item)))
+        name = module(item)
+        group = name if name not in on_cluster else "ray_session_2" if name in SECOND_CLUSTER else "ray_session"
+        item.add_marker(pytest.mark.xdist_group(group))
     return (yield)
 
 

@@ -105,7 +105,7 @@ def resolve_model(uri: str, config: Config) -> ResolvedModel:
     """A local checkpoint directory for `uri`: a path, file://, s3:// (copied), models:/... (downloaded).
 
     Raises FileNotFoundError / ValueError naming the URI and the fix. Call `cleanup()` when done with a
-    downloaded copy (a serving replica keeps it for its lifetime).
+    downloaded copy.
     """
     if uri.startswith("models:/"):
         return _from_registry(uri, config)

@@ -38,7 +38,7 @@ from ray.serve import Application
 
 from dinomaly.config import Config, to_dict
 from dinomaly.distributed.cluster import ensure_ray
-from dinomaly.distributed.models import ResolvedModel, resolve_model
+from dinomaly.distributed.models import resolve_model
 from dinomaly.distributed.resources import ResourcesUnavailable, check_resources, serve_request
 from dinomaly.distributed.serve.http import (
     BATCH_BODY,
@@ -176,10 +176,13 @@ class DinomalyScorer:
     def __init__(self, model_uri: str, config: Config, version: str = ""):
         torch.set_num_threads(max(1, math.ceil(config.serve.num_cpus)))
         self.model_uri, self.config, self.version = model_uri, config, version
-        self._model: ResolvedModel = resolve_model(model_uri, config)  # keeps a downloaded copy alive
-        self.service = ScoringService.from_checkpoint(
-            self._model.directory, config.serve, name=self._model.name, version=self._model.version,
-            source=self._model.source, tags=self._model.tags, metrics=self._model.metrics)
+        resolved = resolve_model(model_uri, config)
+        try:  # the weights are in memory once loaded: a downloaded copy is not kept for the replica's lifetime
+            self.service = ScoringService.from_checkpoint(
+                resolved.directory, config.serve, name=resolved.name, version=resolved.version,
+                source=resolved.source, tags=resolved.tags, metrics=resolved.metrics)
+        finally:
+            resolved.cleanup()
         self.user_config: dict[str, Any] = {}
         self._scoring = 0  # requests between decode and answer
         self.reconfigure({"max_batch_size": config.serve.max_batch_size,
