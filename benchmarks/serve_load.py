@@ -2,14 +2,16 @@
 
 For each model (random weights: `tiny` = 32-wide 2-head ViT at 98->84 px, `vit_s` =
 vit_small_patch14_reg4_dinov2 at 224 px) it prints:
-  * bare: decode (decode_image + resize_crop_image + normalize of the request JPEG), forward at batch 1 and at
-    the served batch size (Predictor.predict: network, map, blur, top-1 % score), in the replica's thread count;
+  * bare: decode (decode_image as the replica does it, with data.fast_decode, then resize_crop_image and
+    normalize of the request JPEG), forward at batch 1 and at the served batch size (Predictor.predict:
+    network, map, blur, top-1 % score), in the replica's thread count;
   * served: p50 / p99 latency, throughput and errors at each concurrency, plus the replica's own time per
     request (elapsed_ms in the answer) so that client p50 - replica p50 = proxy + HTTP + JSON on the way;
   * efficiency = served images/s at concurrency 32 / bare images/s at the served batch size, and
     p50 at concurrency 1 against bare forward(batch 1) + decode + 10 ms.
 The load client runs pinned to its own core (--client-core; os.sched_setaffinity), the replica (every thread)
-on the others, so the client does not steal the model's CPU; Serve's proxy and controller are not pinned. Request loops are bounded. Never asserts.
+on the others, so the client does not steal the model's CPU; Serve's proxy and controller are not pinned.
+Request loops are bounded. Never asserts.
 
     .venv/bin/python benchmarks/serve_load.py                      # tiny and vit_s, the figures above
     .venv/bin/python benchmarks/serve_load.py --models tiny --requests 500 --heatmap
@@ -79,8 +81,10 @@ def bare_figures(config: Config, checkpoint: Path, image: bytes, batch: int, rep
     predictor = Predictor.from_checkpoint(checkpoint)
     m = config.model
 
+    draft_px = m.image_size if config.data.fast_decode else None  # as the replica decodes (data.fast_decode)
+
     def decode():
-        return normalize(resize_crop_image(decode_image(image), m.image_size, m.crop_size)[None])
+        return normalize(resize_crop_image(decode_image(image, draft_px=draft_px), m.image_size, m.crop_size)[None])
 
     one = decode()
     many = one.repeat(batch, 1, 1, 1)
@@ -196,6 +200,8 @@ def main() -> int:
     parser.add_argument("--client-core", type=int, default=-1, help="core of the load client (-1 = the last; "
                         "Ray and the replica get the others; with one core, everything shares it)")
     parser.add_argument("--heatmap", action="store_true", help="ask for heatmaps (adds PNG encoding)")
+    parser.add_argument("--full-decode", action="store_true", help="data.fast_decode=false on both sides (big "
+                        "JPEGs decode in full, the reference's pixels)")
     args = parser.parse_args()
     import ray
 
@@ -213,14 +219,16 @@ def main() -> int:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     print(f"request image: {args.image_px}x{args.image_px} JPEG, {len(image)} bytes; replica pinned to cores "
           f"{sorted(model_cores)} ({threads} torch threads), load client on core {sorted(client)}; "
-          f"max_batch_size {args.batch}, wait {args.wait_ms} ms{', heatmaps' if args.heatmap else ''}")
+          f"max_batch_size {args.batch}, wait {args.wait_ms} ms{', heatmaps' if args.heatmap else ''}; "
+          f"{'full' if args.full_decode else 'fast (DCT-scaled)'} JPEG decoding")
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for name in args.models.split(","):
                 total = args.requests_vit_s if name == "vit_s" else args.requests
                 config = apply_overrides(Config(name=name, model=DinomalyConfig(**MODELS[name])), {
                     "serve.port": port, "serve.num_cpus": float(threads), "serve.threshold": 0.5,
-                    "serve.max_batch_size": args.batch, "serve.batch_wait_timeout_s": args.wait_ms / 1e3})
+                    "serve.max_batch_size": args.batch, "serve.batch_wait_timeout_s": args.wait_ms / 1e3,
+                    "data.fast_decode": not args.full_decode})
                 checkpoint = save(Path(tmp) / name, Dinomaly(config.model), config)
                 os.sched_setaffinity(0, model_cores)
                 try:

@@ -57,11 +57,13 @@ class RequestError(ValueError):
 # --------------------------------------------------------------------------- images
 
 
-def decode_request_image(data: bytes, serve_config: ServeConfig, name: str = "image") -> Image.Image:
+def decode_request_image(data: bytes, serve_config: ServeConfig, name: str = "image",
+                         draft_px: int | None = None) -> Image.Image:
     """Validate and decode one uploaded image -> PIL RGB, or raise RequestError (400, 413 or 415).
 
     Order matters: the byte limit is checked before PIL sees anything, the format from the header only,
     and the pixel limit before the pixels are decoded (decompression bombs never allocate).
+    draft_px: fast decoding of big JPEGs for a model of that image size (data.fast_decode), None = full.
     """
     if not data:
         raise RequestError(400, f"{name} is empty (0 bytes); send the bytes of a PNG, JPEG, BMP or TIFF file")
@@ -79,7 +81,7 @@ def decode_request_image(data: bytes, serve_config: ServeConfig, name: str = "im
     if image_format not in SUPPORTED_FORMATS:
         raise RequestError(415, f"{name} is {image_format}, which is not accepted; send PNG, JPEG, BMP or TIFF")
     try:
-        return decode_image(data, uri=name, max_pixels=serve_config.max_image_pixels)
+        return decode_image(data, uri=name, max_pixels=serve_config.max_image_pixels, draft_px=draft_px)
     except ImageTooLargeError as err:
         raise RequestError(413, f"{err} (serve.max_image_pixels)") from err
     except CorruptImageError as err:
@@ -287,9 +289,11 @@ class ScoringService:
     """
 
     def __init__(self, predictor: Predictor, model_config: DinomalyConfig, serve_config: ServeConfig,
-                 info: ModelInfo, token: str | None = None):
+                 info: ModelInfo, token: str | None = None, fast_decode: bool = False):
         self.predictor = predictor
         self.model_config = model_config
+        # data.fast_decode, as predict.py and evaluate.py read images: a served score equals theirs
+        self.draft_px = model_config.image_size if fast_decode else None
         self.serve_config = serve_config
         self.info = info
         self.token = token
@@ -300,9 +304,9 @@ class ScoringService:
     @classmethod
     def from_checkpoint(cls, directory: str | Path, serve_config: ServeConfig, *, name: str = "",
                         version: str = "", source: str = "", tags: Mapping[str, str] | None = None,
-                        metrics: Mapping[str, Any] | None = None) -> ScoringService:
+                        metrics: Mapping[str, Any] | None = None, fast_decode: bool = False) -> ScoringService:
         """Load a `dinomaly.checkpoint.save` directory, or an exported model.onnx / model.xml (scored by its
-        runtime, no torch); the thresholds come from `resolve_thresholds`."""
+        runtime, no torch); the thresholds come from `resolve_thresholds`. fast_decode: data.fast_decode."""
         from dinomaly.checkpoint import load  # keeps `import dinomaly.serving_api` light
         from dinomaly.export.predictor import OnnxPredictor, is_exported
 
@@ -324,7 +328,7 @@ class ScoringService:
         token = read_auth_token(serve_config)
         if not is_exported(directory):
             predictor = Predictor(loaded.model, eval_config, device=device)
-        service = cls(predictor, model_config, serve_config, info, token)
+        service = cls(predictor, model_config, serve_config, info, token, fast_decode)
         service.score([np.zeros((model_config.crop_size, model_config.crop_size, 3), np.uint8)])  # warm-up
         return service
 
@@ -344,7 +348,7 @@ class ScoringService:
 
     def prepare(self, data: bytes, name: str = "image") -> np.ndarray:
         """Request bytes -> uint8 model input [crop, crop, 3], or RequestError."""
-        return model_input(decode_request_image(data, self.serve_config, name), self.model_config)
+        return model_input(decode_request_image(data, self.serve_config, name, self.draft_px), self.model_config)
 
     def score(self, inputs: list[np.ndarray]) -> list[tuple[float, np.ndarray]]:
         """One forward over a batch of model inputs -> (image score, final map [resize, resize]) each."""

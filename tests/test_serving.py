@@ -173,6 +173,28 @@ def test_pipeline_refuses_a_model_it_cannot_load(tmp_path, served_model, capsys)
     assert type(built).__name__ == "Application"
 
 
+
+def test_a_big_jpeg_is_decoded_as_predict_reads_it(served_model):
+    """data.fast_decode reaches the service: a JPEG far larger than the model's input decodes at a reduced DCT
+    scale, as predict.py's reader does, so a served input equals predict's; off, it is the full decode."""
+    from dinomaly.data.reader import RowReader
+    from dinomaly.data.transforms import decode_image, resize_crop_image
+    from dinomaly.serving_api import ScoringService
+
+    rng = np.random.default_rng(3)
+    ramp = np.linspace(0, 200, 960, dtype=np.float32)  # within the test limits: 1e6 pixels, 300 kB
+    photo = (ramp[None, :, None] + rng.normal(0, 8, (960, 960, 3))).clip(0, 255).astype(np.uint8)
+    data = encode(photo, "JPEG")
+    model = served_model.config.model
+    full = resize_crop_image(decode_image(data), model.image_size, model.crop_size)
+    reader = RowReader(model.image_size, model.crop_size, fast_decode=True)
+    read_by_predict = reader.decode("big.jpg", data).image
+    served = {fast: ScoringService.from_checkpoint(served_model.checkpoint, served_model.config.serve,
+                                                   fast_decode=fast).prepare(data, "big.jpg")
+              for fast in (True, False)}
+    assert np.array_equal(served[True], read_by_predict) and np.array_equal(served[False], full)
+    assert not np.array_equal(served[True], served[False])  # the check can fail: DCT scaling changed pixels
+
 @pytest.mark.slow
 def test_model_from_an_s3_prefix(moto_s3, served_model):
     """s3:// checkpoints are copied to a temporary folder (moto's S3 server) and removed by cleanup()."""

@@ -180,7 +180,8 @@ class DinomalyScorer:
         try:  # the weights are in memory once loaded: a downloaded copy is not kept for the replica's lifetime
             self.service = ScoringService.from_checkpoint(
                 resolved.directory, config.serve, name=resolved.name, version=resolved.version,
-                source=resolved.source, tags=resolved.tags, metrics=resolved.metrics)
+                source=resolved.source, tags=resolved.tags, metrics=resolved.metrics,
+                fast_decode=config.data.fast_decode)
         finally:
             resolved.cleanup()
         self.user_config: dict[str, Any] = {}
