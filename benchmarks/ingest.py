@@ -197,6 +197,17 @@ def run_throughput(args) -> None:
         ray.shutdown()
 
 
+def shmem_pss(pid: int) -> int:
+    """Bytes of a process's PSS in shared-memory mappings (Pss_Shmem; 0 where the kernel does not say)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss_Shmem:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 class MemorySampler(threading.Thread):
     """Peak sum of RSS and PSS over this process and its descendants (Ray's), minus excluded PIDs."""
 
@@ -207,16 +218,18 @@ class MemorySampler(threading.Thread):
         self.psutil, self.exclude, self.interval_s = psutil, exclude, interval_s
         self.peak_rss = self.peak_pss = self.peak_processes = 0
         self.at_peak: list[tuple[str, int]] = []  # (process name, PSS) when the PSS sum peaked
+        self.shmem_at_peak = 0  # of the peak PSS: shared-memory mappings (Ray's object store in /dev/shm)
         self.stop_event = threading.Event()
 
     def sample(self) -> None:
         me = self.psutil.Process()
         procs = [me] + [p for p in me.children(recursive=True) if p.pid not in self.exclude]
-        rss = pss = 0
+        rss = pss = shmem = 0
         parts = []
         for proc in procs:
             try:
                 info, name = proc.memory_full_info(), proc.name()
+                shmem += shmem_pss(proc.pid)
             except (self.psutil.NoSuchProcess, self.psutil.AccessDenied):
                 continue
             rss += info.rss
@@ -224,6 +237,7 @@ class MemorySampler(threading.Thread):
             parts.append((name, getattr(info, "pss", info.rss)))
         if pss > self.peak_pss:
             self.at_peak = sorted(parts, key=lambda part: -part[1])
+            self.shmem_at_peak = shmem
         self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
         self.peak_processes = max(self.peak_processes, len(procs))
 
@@ -353,7 +367,7 @@ def packed_on_s3(cache: Path, count: int, size: int, processes: int, shard_mb: i
 
 
 def stream(manifest: pa.Table | str, config: Config, batch: int, exclude: set[int], request_log: Path | None,
-           label: str) -> None:
+           label: str, stop_after: int = 0) -> None:
     """One pass of train_dataset -> iter_train_batches: images/s, peak memory of all Ray processes, S3 requests."""
     sampler = MemorySampler(exclude=exclude)
     sampler.sample()
@@ -367,6 +381,8 @@ def stream(manifest: pa.Table | str, config: Config, batch: int, exclude: set[in
         if images % 10_000 < batch:  # interim figures, for runs cut short
             print(f"  {images} images, {images / (time.perf_counter() - start):.1f} img/s, peak PSS so far "
                   f"{sampler.peak_pss / 1024**3:.2f} GiB", flush=True)
+        if stop_after and images >= stop_after:
+            break
     elapsed = time.perf_counter() - start
     sampler.stop_event.set()
     sampler.join()
@@ -375,7 +391,8 @@ def stream(manifest: pa.Table | str, config: Config, batch: int, exclude: set[in
           f"{elapsed:.0f} s: {images / elapsed:.1f} img/s; skipped {count_errors(dataset)['data_errors']}{requests}")
     print(f"  peak memory of driver + Ray processes ({sampler.peak_processes} processes): "
           f"sum RSS {sampler.peak_rss / 1024**3:.2f} GiB, sum PSS {sampler.peak_pss / 1024**3:.2f} GiB "
-          f"(PSS before streaming {baseline_pss / 1024**3:.2f} GiB)")
+          f"(PSS before streaming {baseline_pss / 1024**3:.2f} GiB; at the peak {sampler.shmem_at_peak / 1024**3:.2f} "
+          "GiB of it in shared memory, Ray's object store)")
     print("  at the peak (PSS, MiB): " + ", ".join(f"{n} {m / 1024**2:.0f}" for n, m in sampler.at_peak[:8]),
           flush=True)
 
@@ -404,7 +421,8 @@ def run_scale(args) -> None:
         else:
             manifest, large = unpacked_on_s3(args, server), {}
         start_ray(args)
-        stream(manifest, config, args.batch, {moto_pid}, log, f"{args.count} {'packed' if args.packed else ''}")
+        stream(manifest, config, args.batch, {moto_pid}, log, f"{args.count} {'packed' if args.packed else ''}",
+               args.stop_after)
         for px, table in large.items():
             for fast in (False, True):
                 large_config = apply_overrides(bench_config(448, 392), {"data.fast_decode": fast})  # Real-IAD's
@@ -450,6 +468,8 @@ def main() -> None:
     parser.add_argument("--large", type=int, default=0, help="scale --packed: also N JPEGs each of 1024, 2048 px")
     parser.add_argument("--shard-mb", type=int, default=256, help="scale --packed: shard size")
     parser.add_argument("--processes", type=int, default=2, help="scale --packed: processes generating images")
+    parser.add_argument("--stop-after", type=int, default=0, help="scale: stop streaming after about N images "
+                        "(0 = all), to compare memory at the same point across manifest sizes")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "dinomaly-ingest-scale"),
                         help="scale --packed: where generated images and shards are kept between runs")
     args = parser.parse_args()

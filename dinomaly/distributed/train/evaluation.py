@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
 
-from dinomaly.calibration import labelled_summary
+from dinomaly.calibration import ThresholdTable, labelled_summary
 from dinomaly.config import Config
 from dinomaly.data.dataset import ManifestDataset, iterate_batches
 from dinomaly.data.manifest import select
@@ -158,12 +158,24 @@ def evaluate_distributed(model: torch.nn.Module, test_table: pa.Table, config: C
     return summarize(local, config, calibrate=calibration_table is not None) if local else None
 
 
+def heatmap_scales(categories: list[str], thresholds: ThresholdTable | float | None,
+                   maps: list[np.ndarray]) -> list[float]:
+    """One colour scale per row (dinomaly.heatmap.colour_scale): its class's threshold from a per-class table
+    (the global one for a class the table lacks), or one image threshold for every row, or without either the
+    highest value over the maps."""
+    if isinstance(thresholds, ThresholdTable):
+        from dinomaly.serving_api import class_thresholds
+
+        return [colour_scale(float(t)) for t in class_thresholds(thresholds, categories)[1]]
+    return [colour_scale(thresholds, maps)] * len(categories)
+
+
 def heatmap_grid(model: torch.nn.Module, test_table: pa.Table, config: Config, count: int, device: torch.device,
-                 threshold: float | None = None):
+                 thresholds: ThresholdTable | float | None = None):
     """A PIL grid of `count` normal and `count` defective test images (spread over classes): image | overlay.
 
-    Maps are coloured on dinomaly.heatmap's fixed scale tied to the model's image `threshold` (without one,
-    the highest value over the shown maps), so rows are comparable.
+    Maps are coloured on dinomaly.heatmap's fixed scale tied to each row's class threshold (`heatmap_scales`),
+    as evaluate and Serve colour them, so a normal part never looks as hot as a broken one.
     """
     picks = []
     for label in (0, 1):
@@ -184,5 +196,6 @@ def heatmap_grid(model: torch.nn.Module, test_table: pa.Table, config: Config, c
     images = [denormalize(image) for image in batch.images]
     captions = [f"{c} {'defect' if lab else 'good'} score {s:.4f}" for c, lab, s in
                 zip(batch.categories, batch.labels.tolist(), result.scores.tolist())]
-    return grid(images, list(result.maps), colour_scale(threshold, result.maps), captions,
+    maps = list(result.maps)
+    return grid(images, maps, heatmap_scales(list(batch.categories), thresholds, maps), captions,
                 [mask[0].numpy() for mask in batch.masks])

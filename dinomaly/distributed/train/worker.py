@@ -23,6 +23,7 @@ import pyarrow as pa
 import torch.distributed as dist
 
 from dinomaly.calibration import METADATA_KEY as CALIBRATION_KEY
+from dinomaly.calibration import ThresholdTable
 from dinomaly.config import Config
 from dinomaly.distributed.tracking import NullRunLogger, git_commit, run_logger
 from dinomaly.distributed.train.best import BEST_FOLDER, BestCheckpoint, BestKeeper
@@ -179,8 +180,9 @@ class TrainingHooks:
         config = run.config
         heatmaps = None
         if self.tracker.run_id and config.tracking.heatmap_images and self.job.test_table is not None:
+            table = final.thresholds.get("calibration")  # per class, from normal images; else the F1 cut
             heatmaps = heatmap_grid(run.model, self.job.test_table, config, config.tracking.heatmap_images, run.device,
-                                    threshold=final.thresholds["image_f1_optimal"])
+                                    ThresholdTable.from_dict(table) if table else final.thresholds["image_f1_optimal"])
         tags = {**{f"mean_{k}": v for k, v in final.mean.items()},
                 "threshold_image_f1_optimal": final.thresholds["image_f1_optimal"],
                 "threshold_image_normal_quantile": final.thresholds["image_normal_quantile"],
