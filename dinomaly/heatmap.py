@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from dinomaly.calibration import ThresholdTable
 from dinomaly.data.transforms import center_crop_box
 
 SCALE_PER_THRESHOLD = 2.0  # scale = 2 x threshold: the threshold sits mid-ramp
@@ -35,6 +36,15 @@ def colour_scale(threshold: float | None, maps: Iterable[np.ndarray] = ()) -> fl
         return SCALE_PER_THRESHOLD * float(threshold)
     top = max((float(np.max(m)) for m in maps), default=0.0)
     return top if math.isfinite(top) and top > 0 else FALLBACK_SCALE
+
+
+def class_scales(classes: Sequence[str | None], thresholds: ThresholdTable | float | None,
+                 maps: Iterable[np.ndarray] = ()) -> list[float]:
+    """One colour scale per row: its class's threshold in a per-class table (the table's global one for a class
+    it lacks, or none), else one image threshold for every row, else the highest value over `maps`."""
+    if isinstance(thresholds, ThresholdTable):
+        return [colour_scale(thresholds.classes.get(name, thresholds.global_threshold).threshold) for name in classes]
+    return [colour_scale(thresholds, maps)] * len(classes)
 
 
 def colorize(anomaly_map: np.ndarray, scale: float) -> np.ndarray:

@@ -96,16 +96,16 @@ def test_peak_location_maps_back_to_original_pixels():
     assert col == pytest.approx((28 + 0.5 * 392 / 256) * 800 / 448 - 0.5)
 
 
-def test_the_training_grid_colours_each_row_on_its_class_threshold():
-    """MLflow's heatmap grid at the end of training: each row's scale is tied to its class's threshold from the
-    calibration table (a class the table lacks: the table's global one), as evaluate and Serve colour them."""
+def test_each_row_is_coloured_on_its_class_threshold():
+    """The grids of training (MLflow) and evaluate and predict's heatmaps: each row's scale is tied to its class's
+    threshold from the calibration table (a class the table lacks: the table's global one), as Serve's."""
     from dinomaly.calibration import ClassThreshold, ThresholdTable
-    from dinomaly.distributed.train.evaluation import heatmap_scales
+    from dinomaly.heatmap import class_scales
 
     table = ThresholdTable(ClassThreshold(0.3, "calibration"), {"nut": ClassThreshold(0.1, "calibration"),
                                                                 "pill": ClassThreshold(0.4, "calibration")})
     maps = [np.full((4, 4), 0.05)] * 3
-    assert heatmap_scales(["nut", "pill", "wood"], table, maps) == [colour_scale(0.1), colour_scale(0.4),
+    assert class_scales(["nut", "pill", "wood"], table, maps) == [colour_scale(0.1), colour_scale(0.4),
                                                                      colour_scale(0.3)]
-    assert heatmap_scales(["nut", "pill"], 0.2, maps[:2]) == [colour_scale(0.2)] * 2  # one image threshold
-    assert heatmap_scales(["nut"], None, [np.full((4, 4), 0.7)]) == [0.7]  # none: the maps' highest value
+    assert class_scales(["nut", "pill"], 0.2, maps[:2]) == [colour_scale(0.2)] * 2  # one image threshold
+    assert class_scales(["nut"], None, [np.full((4, 4), 0.7)]) == [0.7]  # none: the maps' highest value

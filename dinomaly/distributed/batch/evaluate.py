@@ -242,17 +242,16 @@ def write_heatmaps(examples: dict[tuple[str, int], list[Example]], config: Confi
     """
     from dinomaly.data.reader import RowError, RowReader
     from dinomaly.distributed.batch.scoring import heatmap_name
-    from dinomaly.heatmap import colour_scale, encode_png, grid, png_bytes
-    from dinomaly.serving_api import class_thresholds
+    from dinomaly.heatmap import class_scales, encode_png, grid, png_bytes
 
     reader = RowReader(config.model.image_size, config.model.crop_size, keep_errors=True,
                        max_pixels=config.data.max_image_pixels or None, storage=config.data)
-    fallback = colour_scale(None, [ex.anomaly_map for kept in examples.values() for ex in kept])
+    all_maps = [ex.anomaly_map for kept in examples.values() for ex in kept]  # the scale without thresholds
     written = []
     for name, group in itertools.groupby(sorted(examples), key=lambda key: key[0]):
         (folder / name).mkdir(parents=True, exist_ok=True)
         shown, images, captions = [], [], []
-        scale = colour_scale(class_thresholds(thresholds, [name])[1][0]) if thresholds is not None else fallback
+        [scale] = class_scales([name], thresholds, all_maps)
         for _, label in group:
             for rank, ex in enumerate(sorted(examples[(name, label)], reverse=True)):
                 read = reader.read(ex.uri)

@@ -33,7 +33,7 @@ from dinomaly.data.reader import RowError, RowReader
 from dinomaly.data.storage import StorageOptions, filesystem_for, split_uri
 from dinomaly.data.transforms import mask_to_tensor
 from dinomaly.export.predictor import OnnxPredictor, exported_files, is_exported
-from dinomaly.heatmap import colour_scale, peak_location, png_bytes
+from dinomaly.heatmap import class_scales, peak_location, png_bytes
 from dinomaly.inference import Predictor, resize_masks
 from dinomaly.serving_api import class_thresholds, resolve_thresholds
 
@@ -252,8 +252,7 @@ class ModelScorer:
             return names
         table, classes = self.spec.heatmap_thresholds, batch.get("category", [None] * len(ok))
         # each row on its class threshold's scale; without thresholds: this batch's max, never one image's own
-        scales = ([colour_scale(t) for t in class_thresholds(table, list(classes))[1]] if table is not None
-                  else [colour_scale(None, maps[ok])] * len(ok))
+        scales = class_scales(list(classes), table, maps[ok])
         for i in np.flatnonzero(ok):
             scale = scales[i]
             target = f"{self.spec.heatmap_uri.rstrip('/')}/{heatmap_name(uris[i])}"

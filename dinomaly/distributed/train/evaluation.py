@@ -25,7 +25,7 @@ from dinomaly.config import Config
 from dinomaly.data.dataset import ManifestDataset, iterate_batches
 from dinomaly.data.manifest import select
 from dinomaly.data.transforms import denormalize
-from dinomaly.heatmap import colour_scale, grid
+from dinomaly.heatmap import class_scales, grid
 from dinomaly.inference import Predictor, resize_masks
 from dinomaly.metrics import MetricAccumulator
 from dinomaly.tables import per_class_table
@@ -158,23 +158,11 @@ def evaluate_distributed(model: torch.nn.Module, test_table: pa.Table, config: C
     return summarize(local, config, calibrate=calibration_table is not None) if local else None
 
 
-def heatmap_scales(categories: list[str], thresholds: ThresholdTable | float | None,
-                   maps: list[np.ndarray]) -> list[float]:
-    """One colour scale per row (dinomaly.heatmap.colour_scale): its class's threshold from a per-class table
-    (the global one for a class the table lacks), or one image threshold for every row, or without either the
-    highest value over the maps."""
-    if isinstance(thresholds, ThresholdTable):
-        from dinomaly.serving_api import class_thresholds
-
-        return [colour_scale(float(t)) for t in class_thresholds(thresholds, categories)[1]]
-    return [colour_scale(thresholds, maps)] * len(categories)
-
-
 def heatmap_grid(model: torch.nn.Module, test_table: pa.Table, config: Config, count: int, device: torch.device,
                  thresholds: ThresholdTable | float | None = None):
     """A PIL grid of `count` normal and `count` defective test images (spread over classes): image | overlay.
 
-    Maps are coloured on dinomaly.heatmap's fixed scale tied to each row's class threshold (`heatmap_scales`),
+    Maps are coloured on dinomaly.heatmap's fixed scale tied to each row's class threshold (`class_scales`),
     as evaluate and Serve colour them, so a normal part never looks as hot as a broken one.
     """
     picks = []
@@ -197,5 +185,5 @@ def heatmap_grid(model: torch.nn.Module, test_table: pa.Table, config: Config, c
     captions = [f"{c} {'defect' if lab else 'good'} score {s:.4f}" for c, lab, s in
                 zip(batch.categories, batch.labels.tolist(), result.scores.tolist())]
     maps = list(result.maps)
-    return grid(images, maps, heatmap_scales(list(batch.categories), thresholds, maps), captions,
+    return grid(images, maps, class_scales(list(batch.categories), thresholds, maps), captions,
                 [mask[0].numpy() for mask in batch.masks])
