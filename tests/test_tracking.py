@@ -128,8 +128,9 @@ def test_keep_best_keeps_the_best_evaluation_through_a_fall_and_a_restore(tmp_pa
     from conftest import reference_model_config
     from mlflow import MlflowClient
 
+    from dinomaly.calibration import ClassThreshold, ThresholdTable, stored_table
     from dinomaly.checkpoint import load
-    from dinomaly.distributed.train.best import METADATA_KEY, BestKeeper, evaluation_score
+    from dinomaly.distributed.train.best import METADATA_KEY, BestKeeper, best_version_tags, evaluation_score
     from dinomaly.distributed.train.result import TrainResult
     from dinomaly.distributed.train.worker import WorkerLog
     from dinomaly.model.dinomaly import Dinomaly
@@ -141,20 +142,29 @@ def test_keep_best_keeps_the_best_evaluation_through_a_fall_and_a_restore(tmp_pa
     assert evaluation_score(score_rows(0.5)[-1], ["image_auroc", "pixel_aupro"]) == 0.5
     assert math.isnan(evaluation_score({"image_auroc": float("nan")}, ["image_auroc"]))
     keeper = BestKeeper(["image_auroc", "pixel_aupro"], (pafs.LocalFileSystem(), str(tmp_path / "run")))
-    kept = [keeper.consider(step, score_rows(value), {"image_f1_optimal": value}, model, config)
+    def calibrated(value):  # an evaluation's thresholds with its per-class table (one class: nut at value)
+        table = ThresholdTable(ClassThreshold(value, "calibration", 0.01), {"nut": ClassThreshold(value, "calibration")})
+        return {"image_f1_optimal": value, "calibration": table.to_dict()}
+
+    kept = [keeper.consider(step, score_rows(value), calibrated(value), model, config)
             for step, value in ((2, 0.6), (4, 0.9), (6, 0.7))]
     assert kept == [True, True, False] and (keeper.best.step, keeper.best.score) == (4, 0.9)
     saved = load(tmp_path / "run" / "best_checkpoint")
     assert saved.metadata["step"] == 4 and saved.metadata["metrics"]["mean"]["image_auroc"] == 0.9
+    # the best checkpoint decides with its own evaluation's per-class table, as the last one does
+    assert stored_table(saved.metadata).for_class("nut")[1].threshold == 0.9
+    tags = best_version_tags(keeper.best, config.name)
+    assert (tags["checkpoint"], tags["step"], tags["threshold_image_f1_optimal"]) == ("best", 4, 0.9)
+    assert stored_table({}, tags).for_class("nut")[1].threshold == 0.9
     restored = BestKeeper(["image_auroc", "pixel_aupro"], (pafs.LocalFileSystem(), str(tmp_path / "run")))
     restored.restore({METADATA_KEY: keeper.best.to_dict()})
     assert not restored.consider(8, score_rows(0.8), None, model, config) and restored.best.step == 4
 
     tracker = run_logger(config, open_run(config, "r1"), rank=0)
-    version = tracker.log_checkpoint(keeper.download(str(tmp_path / "down")), "best_checkpoint",
-                                     {"checkpoint": "best", "step": 4})
+    version = tracker.log_checkpoint(keeper.download(str(tmp_path / "down")), "best_checkpoint", tags)
     registered = MlflowClient(mlflow_uri).get_model_version("dino-test", version)
     assert registered.source.endswith("/best_checkpoint") and registered.tags["step"] == "4"
+    assert stored_table({}, registered.tags).for_class("nut")[1].threshold == 0.9
 
     keeper.best.model_version = version
     log = WorkerLog(start_step=0, final_step=6, rows=score_rows(0.7), best=keeper.best.to_dict())

@@ -20,6 +20,7 @@ import pytest
 from conftest import REPO
 from ray import tune
 
+from dinomaly.calibration import stored_table
 from dinomaly.config import load_config
 from dinomaly.distributed.train.run import prepare_config
 from dinomaly.distributed.tune.space import SearchSpace, check_search_space
@@ -207,7 +208,13 @@ def test_mlflow_parent_run_child_runs_and_champion(grid_sweep, workspace):
     assert float(champion.tags["objective"]) == pytest.approx(evaluated[best_step])
     assert champion.tags["step"] == str(best_step) == str(outcome.best["best_step"])
     folder = client.download_artifacts(champion.run_id, "checkpoint", str(workspace / "champion"))
-    assert json.loads((Path(folder) / "metadata.json").read_text())["step"] == best_step
+    metadata = json.loads((Path(folder) / "metadata.json").read_text())
+    assert metadata["step"] == best_step
+    # the champion decides per class: the table of its evaluation, from the test split's normals (no trial
+    # holds images back), in its checkpoint and on its version
+    table = stored_table({}, champion.tags)
+    assert table == stored_table(metadata) and set(table.classes) == {"nut", "pill", "weave", "wood"}
+    assert {entry.source for entry in table.classes.values()} == {"test-normals"}
 
 
 FIRED = threading.Event()  # module level: a callback restored by Tuner.restore must not fire again

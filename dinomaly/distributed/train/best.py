@@ -4,11 +4,13 @@ An evaluation's score is the mean of config.tune.metrics over the test split's c
 a sweep's labelled objective). At each evaluation that beats the best so far, rank 0 saves the model to
 <run folder>/best_checkpoint on the run's storage, where Ray's keep-K rotation of checkpoint_* folders never
 reaches; every regular checkpoint carries the best so far in its metadata, so a restored run goes on
-comparing against it.
+comparing against it. The best checkpoint carries its evaluation's per-class threshold table (metadata key
+"calibration", as the final checkpoint does), so Serve, predict and export decide with it.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 from dataclasses import asdict, dataclass
@@ -18,6 +20,7 @@ from typing import Any
 import numpy as np
 import pyarrow.fs as pafs
 
+from dinomaly.calibration import METADATA_KEY as CALIBRATION_KEY
 from dinomaly.checkpoint import save
 from dinomaly.results import json_safe
 
@@ -66,11 +69,12 @@ class BestKeeper:
         score = evaluation_score(mean, self.metrics)
         if not math.isfinite(score) or (self.best is not None and score <= self.best.score):
             return False
+        metadata = dict(step=step, run_name=config.name, score=score, thresholds=thresholds,
+                        metrics={str(r["class"]): {k: v for k, v in r.items() if k != "class"} for r in rows})
+        if thresholds and thresholds.get("calibration"):  # the per-class table the service and exports read
+            metadata[CALIBRATION_KEY] = thresholds["calibration"]
         with tempfile.TemporaryDirectory() as tmp:
-            save(tmp, model, config, metadata=json_safe(dict(step=step, run_name=config.name, score=score,
-                                                             metrics={str(r["class"]): {k: v for k, v in r.items()
-                                                                                        if k != "class"}
-                                                                      for r in rows}, thresholds=thresholds)))
+            save(tmp, model, config, metadata=json_safe(metadata))
             self.filesystem.create_dir(self.path)
             self.filesystem.delete_dir_contents(self.path, missing_dir_ok=True)
             pafs.copy_files(tmp, self.path, source_filesystem=pafs.LocalFileSystem(),
@@ -85,3 +89,16 @@ class BestKeeper:
         pafs.copy_files(self.path, folder, source_filesystem=self.filesystem,
                         destination_filesystem=pafs.LocalFileSystem())
         return folder
+
+
+def best_version_tags(best: BestCheckpoint, run_name: str) -> dict[str, Any]:
+    """Registry version tags of the best checkpoint: its class means, step and score, its F1 and normal-quantile
+    cuts and, when the evaluation calibrated, the per-class threshold table (as JSON text, like the last one's)."""
+    mean = next(r for r in best.rows if r["class"] == "mean")
+    thresholds = best.thresholds or {}
+    tags: dict[str, Any] = {**{f"mean_{k}": v for k, v in mean.items() if k != "class"}, "checkpoint": "best",
+                            "step": best.step, "score": best.score, "run_name": run_name}
+    tags.update({f"threshold_{k}": v for k, v in thresholds.items() if k in ("image_f1_optimal", "image_normal_quantile")})
+    if thresholds.get("calibration"):
+        tags[CALIBRATION_KEY] = json.dumps(json_safe(thresholds["calibration"]))
+    return tags

@@ -26,7 +26,7 @@ from dinomaly.calibration import METADATA_KEY as CALIBRATION_KEY
 from dinomaly.calibration import ThresholdTable
 from dinomaly.config import Config
 from dinomaly.distributed.tracking import NullRunLogger, git_commit, run_logger
-from dinomaly.distributed.train.best import BEST_FOLDER, BestCheckpoint, BestKeeper
+from dinomaly.distributed.train.best import BEST_FOLDER, BestCheckpoint, BestKeeper, best_version_tags
 from dinomaly.distributed.train.best import METADATA_KEY as BEST_KEY
 from dinomaly.distributed.train.evaluation import Evaluation, evaluate_distributed, heatmap_grid
 from dinomaly.distributed.train.skeleton import Chunk, WorkerJob, WorkerRun, run_worker
@@ -201,13 +201,9 @@ class TrainingHooks:
         if best.step == run.state.step:
             best.model_version = self.log.model_version
             return best.to_dict()
-        mean = next(r for r in best.rows if r["class"] == "mean")
-        tags = {**{f"mean_{k}": v for k, v in mean.items() if k != "class"}, "checkpoint": "best", "step": best.step,
-                "score": best.score, "run_name": run.config.name}
-        tags.update({f"threshold_{k}": v for k, v in (best.thresholds or {}).items()
-                     if k in ("image_f1_optimal", "image_normal_quantile")})
         with tempfile.TemporaryDirectory() as tmp:
-            best.model_version = self.tracker.log_checkpoint(self.keeper.download(tmp), BEST_FOLDER, tags)
+            best.model_version = self.tracker.log_checkpoint(self.keeper.download(tmp), BEST_FOLDER,
+                                                             best_version_tags(best, run.config.name))
         return best.to_dict()
 
 

@@ -9,7 +9,9 @@ ones, KILLED for trials an interrupt left unfinished (a resumed sweep re-opens t
 
 The best trial's best-evaluated checkpoint (the one its objective was measured on, see tune/ranking.py) is
 logged to its child run and registered as a new version of tracking.registered_model_name, tagged with that
-objective (value, name, mode, data) and its step. The alias
+objective (value, name, mode, data) and its step, and with the per-class threshold table of that evaluation
+(tag "calibration"; a labelled trial holds no images back, so it comes from the test split's normals, marked
+'test-normals'; pipelines/calibrate.py replaces it with one from separate normal images). The alias
 tune.champion_alias moves to it only when it beats the objective stored on the current holder; a holder
 scored by another objective or on other data is never replaced automatically.
 """
@@ -20,7 +22,10 @@ import json
 import logging
 import math
 import tempfile
+from pathlib import Path
 
+from dinomaly.calibration import METADATA_KEY as CALIBRATION_KEY
+from dinomaly.checkpoint import METADATA_FILE
 from dinomaly.config import Config, flatten
 from dinomaly.distributed.tracking import default_artifact_location, git_commit
 from dinomaly.distributed.tune.ranking import SweepOutcome, format_ranking, ranking_csv, summary
@@ -127,6 +132,8 @@ def register_best(config: Config, outcome: SweepOutcome, client) -> tuple[str, b
     with tempfile.TemporaryDirectory() as tmp:
         _download_checkpoint(config, best["checkpoint"], tmp)
         client.log_artifacts(run_id, tmp, "checkpoint")
+        metadata_path = Path(tmp) / METADATA_FILE
+        table = json.loads(metadata_path.read_text()).get(CALIBRATION_KEY) if metadata_path.is_file() else None
     try:
         client.get_registered_model(name)
     except MlflowException:
@@ -136,6 +143,8 @@ def register_best(config: Config, outcome: SweepOutcome, client) -> tuple[str, b
                 objective_mode=outcome.mode, objective_data=config.data.root, sweep=config.name,
                 trial_id=best["trial_id"], step=str(best["best_step"]), steps_trained=str(best["steps"]),
                 **{k: repr(v) for k, v in best.items() if k.startswith("mean_")})
+    if table:  # the evaluation's per-class thresholds, as a training run's version carries them
+        tags[CALIBRATION_KEY] = json.dumps(table)
     source = f"{client.get_run(run_id).info.artifact_uri}/checkpoint"
     version = client.create_model_version(name, source=source, run_id=run_id, tags=tags).version
     logger.info("registered %s version %s (trial %s, objective %.4f)", name, version, best["trial_id"],

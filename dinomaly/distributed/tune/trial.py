@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from dinomaly.calibration import METADATA_KEY as CALIBRATION_KEY
 from dinomaly.config import Config, apply_overrides
 from dinomaly.data.dataset import ManifestDataset, iterate_batches
 from dinomaly.distributed.resources import (
@@ -221,6 +222,8 @@ class TrialHooks:
         metadata = dict(step=step, run_name=run.config.name, metrics=json_safe(metrics))
         if thresholds:
             metadata["thresholds"] = json_safe(thresholds)
+            if thresholds.get("calibration"):  # the per-class table the service and exports read
+                metadata[CALIBRATION_KEY] = json_safe(thresholds["calibration"])
         if by_class:  # per-class metrics of this evaluation: the trial's metrics.json when it is the best
             metadata["classes"] = json_safe(by_class)
         run.report(metrics, checkpoint=True, metadata=metadata)
@@ -236,7 +239,10 @@ def _objective(job: TrialJob, model: Dinomaly, runner: torch.nn.Module, rank: in
     computes them (the labelled objective only has thresholds and per-class metrics)."""
     tune = job.config.tune
     if job.objective == "labelled":
-        evaluation = evaluate_distributed(model, job.eval_rows, job.config, rank, world, device)
+        # no held-back images in a trial: the per-class table comes from the test split's normals (marked
+        # 'test-normals'), so the registered champion decides per class until calibrate.py replaces it
+        evaluation = evaluate_distributed(model, job.eval_rows, job.config, rank, world, device,
+                                          calibration_table=job.eval_rows.slice(0, 0))
         if evaluation is None:  # ranks > 0: rank 0 reports
             return {"objective": float("nan")}, None, None
         values = [evaluation.mean.get(name, float("nan")) for name in tune.metrics]
