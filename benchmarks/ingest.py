@@ -13,11 +13,18 @@
                 also the S3 requests the stream made (counted in the server's request log).
                 --large N: N JPEGs each of 1024 and 2048 px streamed the same way, with fast decoding
                 (JPEG DCT scaling) off and on.
+    epochs:     why training does not read shards with ray.data.read_parquet: a packed Real-IAD-like set on
+                the S3 server, consumed for --epochs epochs by one trainer-like loop (a busy CPU step of
+                --step-ms per batch, the trainer's prefetch thread), from (a) train_dataset, every epoch in
+                one stream, and (b) ray.data.read_parquet(shards, shuffle=FileShuffleConfig(seed)) -> the same
+                decode, one execution per epoch (Ray's pattern); the two alternate. Prints the time spent
+                waiting for batches: in total, and at each epoch's start.
 
 Usage (prints figures, never asserts):
     .venv/bin/python benchmarks/ingest.py throughput [--count 400] [--size 512] [--workers 2]
     .venv/bin/python benchmarks/ingest.py scale --count 15000 [--size 64]
     .venv/bin/python benchmarks/ingest.py scale --count 150000 --packed [--large 1000]
+    .venv/bin/python benchmarks/ingest.py epochs --count 1200 --shard-mb 4 [--step-ms 150] [--epochs 4]
 """
 
 from __future__ import annotations
@@ -449,11 +456,80 @@ def unpacked_on_s3(args, server) -> pa.Table | str:
     return manifest
 
 
+def read_parquet_dataset(manifest: pa.Table, config: Config) -> ray.data.Dataset:
+    """The shards through ray.data.read_parquet (files reshuffled, seeded, at each execution) and the same
+    RowReader decode as train_dataset; one execution per epoch."""
+    from dinomaly.data.reader import RowPixels, RowReader
+    from dinomaly.data.storage import StorageOptions
+
+    uris = sorted(set(manifest.column("shard_uri").to_pylist()))
+    fs, _ = filesystem_for(uris[0])
+    reader = RowReader(config.model.image_size, config.model.crop_size, storage=StorageOptions.resolve(config.data),
+                       fast_decode=config.data.fast_decode)
+
+    def decode(batch: dict) -> dict:
+        rows = [reader.decode(u, d) for u, d in zip(batch["image_uri"], batch["image_bytes"])]
+        return {"image": np.stack([r.image for r in rows if isinstance(r, RowPixels)])}
+
+    shuffle = ray.data.FileShuffleConfig(seed=config.train.seed)  # reseeded at each execution (epoch)
+    return (ray.data.read_parquet([filesystem_for(u)[1] for u in uris], filesystem=fs, shuffle=shuffle)
+            .select_columns(["image_uri", "image_bytes"]).map_batches(decode, batch_size=64, batch_format="numpy"))
+
+
+def timed_epochs(dataset, config: Config, batch: int, epochs: int, per_epoch: int, step_s: float,
+                 one_stream: bool) -> dict[str, float]:
+    """Consume `epochs` x `per_epoch` batches like a trainer (busy CPU for step_s per batch); waits in s."""
+    from dinomaly.distributed.train.data import iter_train_batches
+
+    batches = iter_train_batches(dataset, batch, max_passes=None if one_stream else epochs)
+    waits, start = [], time.perf_counter()
+    for _ in range(epochs * per_epoch):
+        asked = time.perf_counter()
+        if next(batches, None) is None:
+            break
+        waits.append(time.perf_counter() - asked)
+        until = time.perf_counter() + step_s
+        while time.perf_counter() < until:  # the step: CPU-bound, as training on this machine is
+            pass
+    batches.close()
+    wall = time.perf_counter() - start
+    starts = [waits[i] for i in range(per_epoch, len(waits), per_epoch)]  # epochs 2.. (the first: start-up)
+    return {"wall": wall, "wait": sum(waits), "first": waits[0], "boundary": float(np.mean(starts)) if starts else 0.0,
+            "steady": sum(waits) - waits[0], "batches": len(waits)}
+
+
+def run_epochs(args) -> None:
+    """Alternate the one-stream reader and read_parquet per epoch, `reps` times each, on the same shards."""
+    config = apply_overrides(bench_config(args.image_size, args.crop), {"train.batch_size": args.batch})
+    with tempfile.TemporaryDirectory() as tmp, moto_server(Path(tmp) / "requests.log") as (server, _):
+        manifest = all_as_training(packed_on_s3(Path(args.cache), args.count, args.size, args.processes,
+                                                args.shard_mb, server))
+        start_ray(args)
+        per_epoch = manifest.num_rows // args.batch
+        config = apply_overrides(config, {"train.total_steps": per_epoch * args.epochs})
+        print(f"{manifest.num_rows} images in {len(set(manifest.column('shard_uri').to_pylist()))} shards, "
+              f"{args.size} -> {args.image_size} -> crop {args.crop}; {args.epochs} epochs of {per_epoch} batches "
+              f"of {args.batch}, a {args.step_ms:.0f} ms CPU step each; {args.workers} Ray CPUs", flush=True)
+        readers = {"train_dataset: all epochs in one stream (ours)":
+                   lambda: (train_dataset(manifest, config, epochs=args.epochs), True),
+                   "read_parquet(shards, FileShuffleConfig): one execution per epoch":
+                   lambda: (read_parquet_dataset(manifest, config), False)}
+        for rep in range(args.reps):
+            for name, build in readers.items():
+                dataset, one_stream = build()
+                r = timed_epochs(dataset, config, args.batch, args.epochs, per_epoch, args.step_ms / 1e3, one_stream)
+                print(f"rep {rep + 1} {name}: waited {r['wait']:.2f} s of {r['wall']:.1f} s "
+                      f"({100 * r['wait'] / r['wall']:.1f} %); start-up {r['first']:.2f} s; after it "
+                      f"{r['steady']:.2f} s ({100 * r['steady'] / r['wall']:.1f} %); mean wait at the start of "
+                      f"epochs 2-{args.epochs}: {r['boundary']:.2f} s; {r['batches']} batches", flush=True)
+        ray.shutdown()
+
+
 def main() -> None:
     # `timeout` sends SIGTERM: exit through the context managers so the moto server and Ray stop too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["throughput", "scale"])
+    parser.add_argument("mode", choices=["throughput", "scale", "epochs"])
     parser.add_argument("--count", type=int, default=None, help="images (throughput: 400, scale: 15000)")
     parser.add_argument("--size", type=int, default=None, help="JPEG side in px (throughput: 512, scale: 64)")
     parser.add_argument("--image-size", type=int, default=448)
@@ -463,7 +539,9 @@ def main() -> None:
     parser.add_argument("--object-store-gib", type=int, default=2)
     parser.add_argument("--distinct", type=int, default=0,
                         help="scale: distinct objects written (0 = count); manifest rows cycle over them")
-    parser.add_argument("--reps", type=int, default=3, help="throughput: timed epochs per reader")
+    parser.add_argument("--reps", type=int, default=3, help="throughput: timed epochs per reader; epochs: runs")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs: epochs per run")
+    parser.add_argument("--step-ms", type=float, default=150.0, help="epochs: CPU time of one training step")
     parser.add_argument("--packed", action="store_true", help="scale: a Real-IAD-like set in packed shards")
     parser.add_argument("--large", type=int, default=0, help="scale --packed: also N JPEGs each of 1024, 2048 px")
     parser.add_argument("--shard-mb", type=int, default=256, help="scale --packed: shard size")
@@ -476,6 +554,9 @@ def main() -> None:
     if args.mode == "throughput":
         args.count, args.size = args.count or 400, args.size or 512
         run_throughput(args)
+    elif args.mode == "epochs":
+        args.count, args.size = args.count or 1200, args.size or 256
+        run_epochs(args)
     else:
         args.count, args.size = args.count or 15000, args.size or (256 if args.packed else 64)
         run_scale(args)
