@@ -7,6 +7,7 @@ vit_small_patch14_reg4_dinov2 at 224 px) it prints:
     network, map, blur, top-1 % score), in the replica's thread count;
   * served: p50 / p99 latency, throughput and errors at each concurrency, plus the replica's own time per
     request (elapsed_ms in the answer) so that client p50 - replica p50 = proxy + HTTP + JSON on the way;
+    with --direct (serve.direct_ingress) also straight to the replica's own port, without the proxy hop;
   * efficiency = served images/s at concurrency 32 / bare images/s at the served batch size, and
     p50 at concurrency 1 against bare forward(batch 1) + decode + 10 ms.
 The load client runs pinned to its own core (--client-core; os.sched_setaffinity), the replica (every thread)
@@ -15,6 +16,7 @@ Request loops are bounded. Never asserts.
 
     .venv/bin/python benchmarks/serve_load.py                      # tiny and vit_s, the figures above
     .venv/bin/python benchmarks/serve_load.py --models tiny --requests 500 --heatmap
+    .venv/bin/python benchmarks/serve_load.py --direct                             # also without the proxy hop
 """
 
 from __future__ import annotations
@@ -146,7 +148,9 @@ def pin_process(pid: int, cores: set[int]) -> None:
 
 
 def serve_figures(config: Config, checkpoint: Path, image: bytes, levels: list[int], total: int,
-                  cores: tuple[set[int], set[int]], query: str) -> list[tuple[int, dict[str, float]]]:
+                  cores: tuple[set[int], set[int]], query: str) -> dict[str, list[tuple[int, dict[str, float]]]]:
+    """{path: [(concurrency, figures)]}: through Serve's proxy and, with serve.direct_ingress, straight to the
+    replica's own port; the two alternate level by level."""
     import requests
     from ray import serve
 
@@ -156,13 +160,23 @@ def serve_figures(config: Config, checkpoint: Path, image: bytes, levels: list[i
     served = apply_overrides(config, {"serve.max_ongoing_requests": max(64, config.serve.max_batch_size)})
     serve.run(build_app(str(checkpoint), served), name="bench", route_prefix="/")
     base = f"http://127.0.0.1:{config.serve.port}/"
-    pin_process(requests.get(f"{base}v1/model", timeout=60).json()["replica"]["pid"], model_cores)
-    url = f"{base}v1/predict{query}"
-    rows = []
+    replica = requests.get(f"{base}v1/model", timeout=60).json()["replica"]
+    pin_process(replica["pid"], model_cores)
+    bases = {"via the proxy": base}
+    deadline = time.monotonic() + 30
+    while config.serve.direct_ingress and not replica.get("direct_url") and time.monotonic() < deadline:
+        time.sleep(0.5)  # the replica's own server starts after the model has loaded
+        replica = requests.get(f"{base}v1/model", timeout=60).json()["replica"]
+    if replica.get("direct_url"):
+        bases["direct to the replica"] = replica["direct_url"]
+    rows: dict[str, list[tuple[int, dict[str, float]]]] = {path: [] for path in bases}
     try:
-        run_load(url, image, 4, min(total, 16), client_cores)  # warm the proxy and the replica
+        for url in bases.values():
+            run_load(f"{url}v1/predict{query}", image, 4, min(total, 16), client_cores)  # warm up
         for concurrency in levels:
-            rows.append((concurrency, run_load(url, image, concurrency, total, client_cores)))
+            for path, url in bases.items():
+                rows[path].append((concurrency, run_load(f"{url}v1/predict{query}", image, concurrency, total,
+                                                         client_cores)))
     finally:
         serve.delete("bench")
     return rows
@@ -200,6 +214,8 @@ def main() -> int:
     parser.add_argument("--client-core", type=int, default=-1, help="core of the load client (-1 = the last; "
                         "Ray and the replica get the others; with one core, everything shares it)")
     parser.add_argument("--heatmap", action="store_true", help="ask for heatmaps (adds PNG encoding)")
+    parser.add_argument("--direct", action="store_true", help="serve.direct_ingress: also load the replica's own "
+                        "port (no proxy hop), alternating with the proxy level by level")
     parser.add_argument("--full-decode", action="store_true", help="data.fast_decode=false on both sides (big "
                         "JPEGs decode in full, the reference's pixels)")
     args = parser.parse_args()
@@ -228,16 +244,17 @@ def main() -> int:
                 config = apply_overrides(Config(name=name, model=DinomalyConfig(**MODELS[name])), {
                     "serve.port": port, "serve.num_cpus": float(threads), "serve.threshold": 0.5,
                     "serve.max_batch_size": args.batch, "serve.batch_wait_timeout_s": args.wait_ms / 1e3,
-                    "data.fast_decode": not args.full_decode})
+                    "data.fast_decode": not args.full_decode, "serve.direct_ingress": args.direct})
                 checkpoint = save(Path(tmp) / name, Dinomaly(config.model), config)
                 os.sched_setaffinity(0, model_cores)
                 try:
                     bare = bare_figures(config, checkpoint, image, args.batch, repeats=20 if name == "tiny" else 5)
                 finally:
                     os.sched_setaffinity(0, set(cores))
-                rows = serve_figures(config, checkpoint, image, levels, total, (model_cores, client),
-                                     "?heatmap=true" if args.heatmap else "")
-                report(name, args.batch, bare, rows)
+                paths = serve_figures(config, checkpoint, image, levels, total, (model_cores, client),
+                                      "?heatmap=true" if args.heatmap else "")
+                for path, rows in paths.items():
+                    report(f"{name}, {path}", args.batch, bare, rows)
     finally:
         serve.shutdown()
         ray.shutdown()

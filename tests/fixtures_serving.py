@@ -113,14 +113,18 @@ def served_model(tmp_path_factory) -> ServedModel:
 
 @pytest.fixture(scope="module")
 def serve_app(ray_session, served_model) -> ServedModel:
-    """Serve running on a free loopback port with the tiny model at route '/' (no auth); shut down after the module."""
+    """Serve running on a free loopback port with the tiny model at route '/' (no auth, serve.direct_ingress on);
+    shut down after the module."""
     from ray import serve
 
+    from dinomaly.config import apply_overrides
     from dinomaly.distributed.serve.app import build_app
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(str(served_model.checkpoint), served_model.config), name="tiny", route_prefix="/")
+    # with serve.direct_ingress: the replica also answers on its own port (test_serving checks it)
+    config = apply_overrides(served_model.config, {"serve.direct_ingress": True})
+    serve.run(build_app(str(served_model.checkpoint), config), name="tiny", route_prefix="/")
     served_model.url = f"http://127.0.0.1:{port}/"
     served_model.apps.append("tiny")
     wait_ready(served_model.url)

@@ -233,6 +233,38 @@ def test_predictions_equal_predictor(serve_app):
     assert verdicts == {True, False}  # the median threshold splits the four images
 
 
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses (hex, as /proc/net/tcp* has them) of the sockets listening on `port`."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).read().splitlines()[1:]:
+            address, hex_port = line.split()[1].rsplit(":", 1)
+            if line.split()[3] == "0A" and int(hex_port, 16) == port:
+                found.add(address)
+    return found
+
+
+@pytest.mark.slow
+def test_the_replica_answers_on_its_own_loopback_port_as_through_the_proxy(serve_app):
+    """serve.direct_ingress: GET /v1/model names the replica's own URL; it answers predictions and bad input as
+    the proxy does, and listens on 127.0.0.1 only."""
+    import re
+
+    direct = requests.get(f"{serve_app.url}v1/model", timeout=60).json()["replica"]["direct_url"]
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+/", direct), direct
+    port = int(direct.rsplit(":", 1)[1].rstrip("/"))
+    assert port != int(serve_app.url.rsplit(":", 1)[1].rstrip("/"))
+    assert listening_addresses(port) == {"0100007F"}  # 127.0.0.1, nothing on other interfaces
+    for name, data in serve_app.images.items():
+        proxied, direct_answer = post_image(serve_app.url, data).json(), post_image(direct, data).json()
+        assert direct_answer["score"] == pytest.approx(serve_app.expected_scores[name], abs=1e-6)
+        assert {k: v for k, v in direct_answer.items() if k != "elapsed_ms"} == {
+            k: v for k, v in proxied.items() if k != "elapsed_ms"}
+    for data, status in ((b"hello, this is text and not an image" * 4, 400), (b"\x89PNG" + bytes(400_000), 413)):
+        proxied, refused = post_image(serve_app.url, data), post_image(direct, data)
+        assert refused.status_code == proxied.status_code == status and refused.json() == proxied.json()
+
+
 @pytest.mark.slow
 def test_multipart_equals_raw_body_and_heatmap_is_a_png(serve_app):
     name, data = next(iter(serve_app.images.items()))

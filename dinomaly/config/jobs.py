@@ -21,6 +21,9 @@ class ServeConfig:
                     default="127.0.0.1")
     port: int = doc("HTTP port", default=8000)
     route_prefix: str = doc("URL prefix of the app ('/' = the page at /, the API at /v1/...)", default="/")
+    direct_ingress: bool = doc("each replica also serves the API on its own port on `host` (Ray's direct ingress, "
+                               "ports from 30000), skipping the proxy hop: for one machine, or a load balancer that "
+                               "knows the replicas; GET /v1/model and serve.py name the URL", default=False)
     max_batch_size: int = doc("most images one model forward scores together (dynamic batching)", default=8)
     batch_wait_timeout_s: float = doc("longest wait for a batch to fill before scoring what has arrived (a "
                                       "request alone in its replica is scored at once)", default=0.005)

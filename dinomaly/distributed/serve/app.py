@@ -76,6 +76,12 @@ def create_api(service: ScoringService, score: ScoreFn, publish: PublishFn | Non
     add_error_handlers(api)
     limits = service.serve_config
     replica = {"X-Replica-Pid": str(os.getpid())}  # which replica answered: its pid in GET /v1/model
+    found: dict[str, str | None] = {}
+
+    def replica_info() -> dict[str, Any]:
+        if limits.direct_ingress and not found.get("url"):  # the replica's own server starts after __init__
+            found["url"] = direct_url(limits.host, limits.route_prefix)
+        return {"pid": os.getpid(), "loaded_at": service.loaded_at, "direct_url": found.get("url")}
 
     async def predict_one(name: str, data: bytes, heatmap: bool, class_name: str | None) -> dict[str, Any]:
         model_input = await asyncio.to_thread(service.prepare, data, name)
@@ -102,8 +108,7 @@ def create_api(service: ScoringService, score: ScoreFn, publish: PublishFn | Non
         info, in_force = service.info, service.thresholds.global_threshold
         return {"name": info.name, "version": info.version, "source": info.source, "threshold": in_force.threshold,
                 "threshold_source": in_force.source, "thresholds": service.thresholds_view(),
-                "metrics": info.metrics, "config": info.config, "replica": {"pid": os.getpid(),
-                                                                           "loaded_at": service.loaded_at},
+                "metrics": info.metrics, "config": info.config, "replica": replica_info(),
                 "input": {"image_size": service.model_config.image_size, "crop_size": service.model_config.crop_size,
                           "heatmap_size": service.predictor.eval_config.resize, "formats": sorted(SUPPORTED_FORMATS)},
                 "limits": {"max_image_bytes": limits.max_image_bytes, "max_image_pixels": limits.max_image_pixels,
@@ -227,8 +232,44 @@ class DinomalyScorer:
         app = build_app(self.model_uri, self.config, user_config, self.version)
         await asyncio.to_thread(serve.run, app, name=app_name, route_prefix=route_prefix)
 
+    async def direct_url(self) -> str | None:
+        """This replica's own URL under serve.direct_ingress (None when off)."""
+        s = self.config.serve
+        return direct_url(s.host, s.route_prefix) if s.direct_ingress else None
+
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_api(self.service, self._score, self._publish)
+
+
+# serve.direct_ingress: Ray 2.60's switch, and a short drain on shutdown (Ray's default, 30 s, is for a load
+# balancer to deregister the replica; in-flight requests are drained either way)
+DIRECT_INGRESS_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+DIRECT_PORTS = (int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "30000")),
+                int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", "31000")))
+
+
+def direct_url(host: str, route_prefix: str) -> str | None:
+    """This replica's own HTTP URL under serve.direct_ingress (the port this process listens on in Ray's
+    direct-ingress range, read from /proc), or None while it has none."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else ():  # Linux only
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # closed while listing (the listing's own fd, for one)
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:  # sl local_address rem_address st ... inode
+            fields = line.split()
+            port = int(fields[1].rsplit(":", 1)[1], 16)
+            if fields[3] == "0A" and fields[9] in inodes and DIRECT_PORTS[0] <= port <= DIRECT_PORTS[1]:  # LISTEN
+                return f"http://{host}:{port}{route_prefix.rstrip('/')}/"
+    return None
 
 
 def deployment_options(config: Config) -> dict[str, Any]:
@@ -236,6 +277,8 @@ def deployment_options(config: Config) -> dict[str, Any]:
     s = config.serve
     options: dict[str, Any] = {"max_ongoing_requests": s.max_ongoing_requests,
                                "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus}}
+    if s.direct_ingress:  # read by the replica process only: the proxy and other apps are unchanged
+        options["ray_actor_options"]["runtime_env"] = {"env_vars": DIRECT_INGRESS_ENV}
     if s.max_replicas > s.num_replicas:
         options["autoscaling_config"] = {"min_replicas": s.num_replicas, "initial_replicas": s.num_replicas,
                                          "max_replicas": s.max_replicas, "target_ongoing_requests": s.max_batch_size}
@@ -311,6 +354,21 @@ def start(model_uri: str, config: Config) -> str:
     return f"http://{s.host}:{s.port}{s.route_prefix.rstrip('/')}/"
 
 
+def direct_urls(config: Config, timeout_s: float = 30.0) -> list[str]:
+    """The replicas' own URLs under serve.direct_ingress, as far as one call per replica finds them."""
+    if not config.serve.direct_ingress:
+        return []
+    handle = serve.get_app_handle(APP_NAME)
+    deadline, urls = time.monotonic() + timeout_s, set()
+    while time.monotonic() < deadline and len(urls) < config.serve.num_replicas:
+        url = handle.direct_url.remote().result(timeout_s=timeout_s)
+        if url:
+            urls.add(url)
+        else:
+            time.sleep(0.2)  # its server is still starting
+    return sorted(urls)
+
+
 def stop() -> None:
     """Remove the app and shut Serve down (the Ray cluster itself is left to whoever started it)."""
     serve.delete(APP_NAME)
@@ -331,6 +389,8 @@ def serve_until_stopped(model_uri: str, config: Config, info: ModelInfo) -> int:
         return 1
     print(f"ready: {url}  model {info.name} version {info.version}, threshold {info.threshold:.6g} "
           f"({info.threshold_source}); API docs at {url}docs; Ctrl-C stops", flush=True)
+    for direct in direct_urls(config):
+        print(f"direct (one replica, no proxy hop): {direct}", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         signal.pause()
