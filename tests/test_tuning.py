@@ -274,6 +274,11 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_sess
     steps = [m.step for m in client.get_metric_history(runs[resumed], "loss")]
     assert steps == list(range(1, 9))  # continued from its step-4 checkpoint: no step trained twice
     assert client.get_run(runs[resumed]).info.status == "FINISHED"
+    # the best checkpoint carries thresholds from the held-out normals (never trained on): calibration data
+    metadata = json.loads((Path(second.best["checkpoint"]) / "metadata.json").read_text())
+    table = stored_table(metadata)
+    assert set(table.classes) == {"nut", "pill", "weave", "wood"}
+    assert {entry.source for entry in table.classes.values()} == {"calibration"}
 
 
 @slow

@@ -10,8 +10,8 @@ ones, KILLED for trials an interrupt left unfinished (a resumed sweep re-opens t
 The best trial's best-evaluated checkpoint (the one its objective was measured on, see tune/ranking.py) is
 logged to its child run and registered as a new version of tracking.registered_model_name, tagged with that
 objective (value, name, mode, data) and its step, and with the per-class threshold table of that evaluation
-(tag "calibration"; labelled objective only: a trial holds no images back for it, so it comes from the test
-split's normals, marked 'test-normals'; pipelines/calibrate.py replaces it from separate normal images). The alias
+(tag "calibration": with holdout_loss from the held-out normal images, never trained on; with the labelled
+objective from the test split's normals, marked 'test-normals', until pipelines/calibrate.py replaces it). The alias
 tune.champion_alias moves to it only when it beats the objective stored on the current holder; a holder
 scored by another objective or on other data is never replaced automatically.
 """

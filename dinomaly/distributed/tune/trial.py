@@ -8,8 +8,9 @@ latest checkpoint.
 
 The workers run the worker skeleton of training runs (dinomaly.distributed.train.skeleton) with TrialHooks,
 on images or on the feature cache (dinomaly.features): they stop at tune.evaluations evenly spaced points,
-compute the objective there and report it with a checkpoint; the Train run keeps the latest checkpoint (to
-resume) and the one of the best objective (to register). A loss or gradient norm that is NaN/inf (or above tune.max_loss) fails the trial with
+compute the objective there and report it with a checkpoint (with the per-class threshold table of that
+evaluation in its metadata); the Train run keeps the latest checkpoint (to resume) and the one of the best
+objective (to register). A loss or gradient norm that is NaN/inf (or above tune.max_loss) fails the trial with
 TrialDiverged; Tune records the reason and the sweep goes on. So does a trial whose workers' CPUs/GPUs are
 not free within cluster.start_timeout_s (TrialFailed naming what holds them).
 """
@@ -26,6 +27,7 @@ import pyarrow as pa
 import torch
 
 from dinomaly.calibration import METADATA_KEY as CALIBRATION_KEY
+from dinomaly.calibration import build_table
 from dinomaly.config import Config, apply_overrides
 from dinomaly.data.dataset import ManifestDataset, iterate_batches
 from dinomaly.distributed.resources import (
@@ -37,7 +39,7 @@ from dinomaly.distributed.resources import (
 )
 from dinomaly.distributed.tracking import NullRunLogger, open_run, run_logger
 from dinomaly.distributed.train.batches import ManifestBatches
-from dinomaly.distributed.train.evaluation import evaluate_distributed
+from dinomaly.distributed.train.evaluation import evaluate_distributed, score_normals
 from dinomaly.distributed.train.skeleton import (
     Chunk,
     WorkerJob,
@@ -222,8 +224,11 @@ class TrialHooks:
         metadata = dict(step=step, run_name=run.config.name, metrics=json_safe(metrics))
         if thresholds:
             metadata["thresholds"] = json_safe(thresholds)
-            if thresholds.get("calibration"):  # the per-class table the service and exports read
-                metadata[CALIBRATION_KEY] = json_safe(thresholds["calibration"])
+        table = (thresholds or {}).get("calibration") or (
+            holdout_table(run.model, self.job, run.device) if self.job.objective == "holdout_loss" and run.rank == 0
+            else None)
+        if table:  # the per-class table the service and exports read, registered with the winner
+            metadata[CALIBRATION_KEY] = json_safe(table)
         if by_class:  # per-class metrics of this evaluation: the trial's metrics.json when it is the best
             metadata["classes"] = json_safe(by_class)
         run.report(metrics, checkpoint=True, metadata=metadata)
@@ -256,6 +261,17 @@ def _objective(job: TrialJob, model: Dinomaly, runner: torch.nn.Module, rank: in
         return {"objective": float("nan")}, None, None
     loss = holdout_loss(runner, job, device)
     return {"objective": loss, "holdout_loss": loss}, None, None
+
+
+def holdout_table(model: Dinomaly, job: TrialJob, device: torch.device) -> dict | None:
+    """The per-class threshold table (as a dict) at eval.target_fpr from the held-out normal images, which the
+    trial never trains on: calibration data. None when none of them could be scored."""
+    rows = job.eval_rows
+    scores = score_normals(model, rows, sorted(set(rows.column("category").to_pylist())), job.config, device)
+    try:
+        return build_table(scores, job.config.eval.target_fpr, "calibration", seed=job.config.train.seed).to_dict()
+    except ValueError:
+        return None
 
 
 @torch.no_grad()
