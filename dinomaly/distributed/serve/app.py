@@ -76,12 +76,10 @@ def create_api(service: ScoringService, score: ScoreFn, publish: PublishFn | Non
     add_error_handlers(api)
     limits = service.serve_config
     replica = {"X-Replica-Pid": str(os.getpid())}  # which replica answered: its pid in GET /v1/model
-    found: dict[str, str | None] = {}
 
-    def replica_info() -> dict[str, Any]:
-        if limits.direct_ingress and not found.get("url"):  # the replica's own server starts after __init__
-            found["url"] = direct_url(limits.host, limits.route_prefix)
-        return {"pid": os.getpid(), "loaded_at": service.loaded_at, "direct_url": found.get("url")}
+    def replica_info() -> dict[str, Any]:  # direct_url: read when asked (the replica's server starts after __init__)
+        direct = direct_url(limits.host, limits.route_prefix) if limits.direct_ingress else None
+        return {"pid": os.getpid(), "loaded_at": service.loaded_at, "direct_url": direct}
 
     async def predict_one(name: str, data: bytes, heatmap: bool, class_name: str | None) -> dict[str, Any]:
         model_input = await asyncio.to_thread(service.prepare, data, name)

@@ -224,9 +224,9 @@ class TrialHooks:
         metadata = dict(step=step, run_name=run.config.name, metrics=json_safe(metrics))
         if thresholds:
             metadata["thresholds"] = json_safe(thresholds)
-        table = (thresholds or {}).get("calibration") or (
-            holdout_table(run.model, self.job, run.device) if self.job.objective == "holdout_loss" and run.rank == 0
-            else None)
+        table = (thresholds or {}).get("calibration")  # the labelled objective's, from the test split's normals
+        if table is None and self.job.objective == "holdout_loss" and run.rank == 0:
+            table = holdout_table(run.model, self.job, run.device)
         if table:  # the per-class table the service and exports read, registered with the winner
             metadata[CALIBRATION_KEY] = json_safe(table)
         if by_class:  # per-class metrics of this evaluation: the trial's metrics.json when it is the best
