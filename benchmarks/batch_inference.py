@@ -28,6 +28,8 @@ import threading
 import time
 from pathlib import Path
 
+from procfs import kib_field
+
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 REPO = Path(__file__).resolve().parent.parent
 OBJECT_STORE_BYTES = 1024**3  # explicit, so the shared-memory part of the driver's RSS has a known bound
@@ -98,8 +100,8 @@ class ClusterMemory:
 
     def _run(self, interval_s: float) -> None:
         while not self._stop.is_set():
-            self.driver_peak_bytes = max(self.driver_peak_bytes, _rss_anon(os.getpid()))
-            self.peak_bytes = max(self.peak_bytes, sum(_rss_anon(p) for p in _descendants(os.getpid())))
+            self.driver_peak_bytes = max(self.driver_peak_bytes, kib_field(os.getpid(), "status", "RssAnon"))
+            self.peak_bytes = max(self.peak_bytes, sum(kib_field(p, "status", "RssAnon") for p in _descendants(os.getpid())))
             self._stop.wait(interval_s)
 
 
@@ -118,16 +120,6 @@ def _descendants(root: int) -> list[int]:
         out.append(pid)
         stack.extend(children.get(pid, []))
     return out
-
-
-def _rss_anon(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def peak_rss_bytes() -> int:
