@@ -16,9 +16,11 @@
     epochs:     why training does not read shards with ray.data.read_parquet: a packed Real-IAD-like set on
                 the S3 server, consumed for --epochs epochs by one trainer-like loop (a busy CPU step of
                 --step-ms per batch, the trainer's prefetch thread), from (a) train_dataset, every epoch in
-                one stream, and (b) ray.data.read_parquet(shards, shuffle=FileShuffleConfig(seed)) -> the same
-                decode, one execution per epoch (Ray's pattern); the two alternate. Prints the time spent
-                waiting for batches: in total, and at each epoch's start.
+                one stream, (b) ray.data.read_parquet(shards, shuffle=FileShuffleConfig(seed)) -> the same
+                decode, one execution per epoch (Ray's pattern), and (c) one such read_parquet per epoch,
+                joined with Dataset.union into one execution (Ray's way to chain datasets); they alternate.
+                Prints the time spent waiting for batches: in total, before the first, and at each epoch's
+                start.
 
 Usage (prints figures, never asserts):
     .venv/bin/python benchmarks/ingest.py throughput [--count 400] [--size 512] [--workers 2]
@@ -53,6 +55,7 @@ import ray  # noqa: E402
 import ray.data  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+from procfs import kib_field  # noqa: E402
 
 from dinomaly.config import Config, apply_overrides  # noqa: E402
 from dinomaly.data.dataset import ManifestDataset, collate_samples  # noqa: E402
@@ -204,17 +207,6 @@ def run_throughput(args) -> None:
         ray.shutdown()
 
 
-def shmem_pss(pid: int) -> int:
-    """Bytes of a process's PSS in shared-memory mappings (Pss_Shmem; 0 where the kernel does not say)."""
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss_Shmem:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 class MemorySampler(threading.Thread):
     """Peak sum of RSS and PSS over this process and its descendants (Ray's), minus excluded PIDs."""
 
@@ -236,7 +228,7 @@ class MemorySampler(threading.Thread):
         for proc in procs:
             try:
                 info, name = proc.memory_full_info(), proc.name()
-                shmem += shmem_pss(proc.pid)
+                shmem += kib_field(proc.pid, "smaps_rollup", "Pss_Shmem")
             except (self.psutil.NoSuchProcess, self.psutil.AccessDenied):
                 continue
             rss += info.rss
@@ -456,9 +448,10 @@ def unpacked_on_s3(args, server) -> pa.Table | str:
     return manifest
 
 
-def read_parquet_dataset(manifest: pa.Table, config: Config) -> ray.data.Dataset:
-    """The shards through ray.data.read_parquet (files reshuffled, seeded, at each execution) and the same
-    RowReader decode as train_dataset; one execution per epoch."""
+def read_parquet_dataset(manifest: pa.Table, config: Config, union_epochs: int = 0) -> ray.data.Dataset:
+    """The shards through ray.data.read_parquet (whole files in a seeded random order) and the same RowReader
+    decode as train_dataset. union_epochs 0: one epoch, so one execution per epoch (Ray's pattern; the
+    shuffle is reseeded at each execution); N: N such epochs joined with Dataset.union, one execution."""
     from dinomaly.data.reader import RowPixels, RowReader
     from dinomaly.data.storage import StorageOptions
 
@@ -471,9 +464,14 @@ def read_parquet_dataset(manifest: pa.Table, config: Config) -> ray.data.Dataset
         rows = [reader.decode(u, d) for u, d in zip(batch["image_uri"], batch["image_bytes"])]
         return {"image": np.stack([r.image for r in rows if isinstance(r, RowPixels)])}
 
-    shuffle = ray.data.FileShuffleConfig(seed=config.train.seed)  # reseeded at each execution (epoch)
-    return (ray.data.read_parquet([filesystem_for(u)[1] for u in uris], filesystem=fs, shuffle=shuffle)
-            .select_columns(["image_uri", "image_bytes"]).map_batches(decode, batch_size=64, batch_format="numpy"))
+    def epoch(seed: int) -> ray.data.Dataset:
+        return (ray.data.read_parquet([filesystem_for(u)[1] for u in uris], filesystem=fs,
+                                      shuffle=ray.data.FileShuffleConfig(seed=seed))
+                .select_columns(["image_uri", "image_bytes"]).map_batches(decode, batch_size=64, batch_format="numpy"))
+
+    if not union_epochs:
+        return epoch(config.train.seed)
+    return epoch(config.train.seed).union(*[epoch(config.train.seed + e) for e in range(1, union_epochs)])
 
 
 def timed_epochs(dataset, config: Config, batch: int, epochs: int, per_epoch: int, step_s: float,
@@ -481,7 +479,8 @@ def timed_epochs(dataset, config: Config, batch: int, epochs: int, per_epoch: in
     """Consume `epochs` x `per_epoch` batches like a trainer (busy CPU for step_s per batch); waits in s."""
     from dinomaly.distributed.train.data import iter_train_batches
 
-    batches = iter_train_batches(dataset, batch, max_passes=None if one_stream else epochs)
+    # exactly the passes consumed: a further pass would run on into the next reader's measurement
+    batches = iter_train_batches(dataset, batch, max_passes=1 if one_stream else epochs)
     waits, start = [], time.perf_counter()
     for _ in range(epochs * per_epoch):
         asked = time.perf_counter()
@@ -513,7 +512,9 @@ def run_epochs(args) -> None:
         readers = {"train_dataset: all epochs in one stream (ours)":
                    lambda: (train_dataset(manifest, config, epochs=args.epochs), True),
                    "read_parquet(shards, FileShuffleConfig): one execution per epoch":
-                   lambda: (read_parquet_dataset(manifest, config), False)}
+                   lambda: (read_parquet_dataset(manifest, config), False),
+                   "read_parquet per epoch, joined by Dataset.union: one execution":
+                   lambda: (read_parquet_dataset(manifest, config, union_epochs=args.epochs), True)}
         for rep in range(args.reps):
             for name, build in readers.items():
                 dataset, one_stream = build()
