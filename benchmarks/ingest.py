@@ -62,7 +62,12 @@ from dinomaly.data.dataset import ManifestDataset, collate_samples  # noqa: E402
 from dinomaly.data.manifest import MANIFEST_SCHEMA, read_manifest, write_manifest  # noqa: E402
 from dinomaly.data.storage import filesystem_for, upload_tree  # noqa: E402
 from dinomaly.data.transforms import decode_image, normalize, resize_crop_image  # noqa: E402
-from dinomaly.distributed.train.data import count_errors, iter_train_batches, train_dataset  # noqa: E402
+from dinomaly.distributed.train.data import (  # noqa: E402
+    TARGET_BLOCK_BYTES,
+    count_errors,
+    iter_train_batches,
+    train_dataset,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import fixtures_s3  # noqa: E402  (the test suite's moto server helpers)
@@ -469,9 +474,11 @@ def read_parquet_dataset(manifest: pa.Table, config: Config, union_epochs: int =
                                       shuffle=ray.data.FileShuffleConfig(seed=seed))
                 .select_columns(["image_uri", "image_bytes"]).map_batches(decode, batch_size=64, batch_format="numpy"))
 
-    if not union_epochs:
-        return epoch(config.train.seed)
-    return epoch(config.train.seed).union(*[epoch(config.train.seed + e) for e in range(1, union_epochs)])
+    epochs = [epoch(config.train.seed + e) for e in range(max(1, union_epochs))]
+    data = epochs[0].union(*epochs[1:]) if union_epochs else epochs[0]
+    for part in epochs + [data]:  # blocks of train_dataset's size: Ray's default (128 MiB) delays the first one
+        part.context.target_max_block_size = 2 * TARGET_BLOCK_BYTES
+    return data
 
 
 def timed_epochs(dataset, config: Config, batch: int, epochs: int, per_epoch: int, step_s: float,
