@@ -88,6 +88,25 @@ def trajectory(reference_dir):
     return torch.load(reference_dir / "trajectory.pt", weights_only=True)
 
 
+def check_trajectory(records, params_by_step, trajectory, first_step=1):
+    """The README's trajectory tolerances: lr/p abs 1e-9, loss abs 1e-6, grad norm rel 2e-5, params 5e-6+5e-7*s."""
+    import torch
+
+    assert [r["step"] for r in records] == list(range(first_step, first_step + len(records)))
+    for rec in records:
+        i = rec["step"] - 1
+        assert rec["lr"] == pytest.approx(trajectory["lr"][i], abs=1e-9, rel=0), f"lr of step {rec['step']}"
+        assert rec["p"] == pytest.approx(trajectory["p"][i], abs=1e-9, rel=0), f"p of step {rec['step']}"
+        assert rec["loss"] == pytest.approx(trajectory["loss"][i], abs=1e-6, rel=0), f"loss of step {rec['step']}"
+        assert rec["grad_norm"] == pytest.approx(trajectory["grad_norm"][i], rel=2e-5, abs=0), \
+            f"grad_norm of step {rec['step']}"
+    for step, params in params_by_step.items():
+        assert len(params) == 100
+        for name, value in params.items():
+            torch.testing.assert_close(value, trajectory[f"params/step{step}/{name}"], rtol=0, atol=5e-6 + 5e-7 * step,
+                                       msg=lambda m, n=name, s=step: f"params after step {s}, {n}: {m}")
+
+
 def reference_model_config(**overrides):
     """The reference's tiny model: DINOv2-reg ViT, width 32, 2 heads, 12 blocks, random weights."""
     from dinomaly.config import DinomalyConfig

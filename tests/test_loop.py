@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import reference_model_config
+from conftest import check_trajectory, reference_model_config
 from safetensors.torch import load_file, save_file
 
 from dinomaly.config import Config, TrainConfig
@@ -49,22 +49,6 @@ def run(model, config, batches, start, stop, state=None, snapshots=None):
     return records, state
 
 
-def check_against_trajectory(records, snapshots, trajectory, first_step=1):
-    for rec in records:
-        i = rec["step"] - 1
-        assert rec["lr"] == pytest.approx(trajectory["lr"][i], abs=1e-9, rel=0), f"lr of step {rec['step']}"
-        assert rec["p"] == pytest.approx(trajectory["p"][i], abs=1e-9, rel=0), f"p of step {rec['step']}"
-        assert rec["loss"] == pytest.approx(trajectory["loss"][i], abs=1e-6, rel=0), f"loss of step {rec['step']}"
-        assert rec["grad_norm"] == pytest.approx(trajectory["grad_norm"][i], rel=2e-5, abs=0), \
-            f"grad_norm of step {rec['step']}"
-    assert [r["step"] for r in records] == list(range(first_step, first_step + len(records)))
-    for step, params in snapshots.items():
-        assert len(params) == 100
-        for name, value in params.items():
-            torch.testing.assert_close(value, trajectory[f"params/step{step}/{name}"], rtol=0, atol=5e-6 + 5e-7 * step,
-                                       msg=lambda m, n=name, s=step: f"params after step {s}, {n}: {m}")
-
-
 @pytest.fixture(scope="module")
 def batches(trajectory):
     return [b.float() for b in trajectory["images"]]
@@ -89,7 +73,7 @@ def test_trajectory_matches_reference_loop(uninterrupted, trajectory):
     name_of = {id(p): n for n, p in model.named_parameters()}
     assert [name_of[id(p)] for p in model.trainable_parameters()] == trajectory["meta/param_names"]
     assert len(uninterrupted["records"]) == 30 and uninterrupted["state"].step == 30
-    check_against_trajectory(uninterrupted["records"], uninterrupted["snapshots"], trajectory)
+    check_trajectory(uninterrupted["records"], uninterrupted["snapshots"], trajectory)
 
 
 def test_resume_from_checkpoint_continues_bit_for_bit(uninterrupted, batches, trajectory):
@@ -102,7 +86,7 @@ def test_resume_from_checkpoint_continues_bit_for_bit(uninterrupted, batches, tr
     assert state.step == 10 and state.optimizer.param_groups[0]["lr"] == pytest.approx(trajectory["lr"][10], abs=1e-12)
     snapshots = {}
     records, state = run(ck.model, ck.config, batches, 10, 30, state, snapshots)
-    check_against_trajectory(records, snapshots, trajectory, first_step=11)
+    check_trajectory(records, snapshots, trajectory, first_step=11)
     assert records == uninterrupted["records"][10:]
     for step in (20, 30):
         for name, value in snapshots[step].items():
@@ -189,7 +173,7 @@ def test_ddp_two_ranks_with_global_hard_mining_follow_the_single_process_traject
                     grad_norm=ranks[0]["grad_norm"][i].item(), lr=ranks[0]["lr"][i].item(), p=ranks[0]["p"][i].item())
                for i in range(5)]
     params = {k.split("/", 1)[1]: v for k, v in ranks[0].items() if k.startswith("param/")}
-    check_against_trajectory(records, {5: params}, trajectory)
+    check_trajectory(records, {5: params}, trajectory)
     for key, value in ranks[1].items():
         if key.startswith("param/") or key == "grad_norm":
             assert torch.equal(value, ranks[0][key]), f"ranks disagree on {key}"
