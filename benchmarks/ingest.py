@@ -484,8 +484,6 @@ def read_parquet_dataset(manifest: pa.Table, config: Config, union_epochs: int =
 def timed_epochs(dataset, config: Config, batch: int, epochs: int, per_epoch: int, step_s: float,
                  one_stream: bool) -> dict[str, float]:
     """Consume `epochs` x `per_epoch` batches like a trainer (busy CPU for step_s per batch); waits in s."""
-    from dinomaly.distributed.train.data import iter_train_batches
-
     # exactly the passes consumed: a further pass would run on into the next reader's measurement
     batches = iter_train_batches(dataset, batch, max_passes=1 if one_stream else epochs)
     waits, start = [], time.perf_counter()
