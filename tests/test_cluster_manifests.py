@@ -1,17 +1,21 @@
 """cluster/ stays true to the code: every YAML parses and validates against its schema (KubeRay's CRD
-fields for v1.5.1-v1.7.0, Ray's launcher schema, Serve's schema, Ray's RuntimeEnv), every entry point,
-import path and config key it names exists, and every Ray image and version pin matches pyproject.toml.
+fields for v1.5.1-v1.7.0 with Kubernetes' own pod template inside, Kubernetes' API schemas of 1.25-1.37 for
+the core objects, Ray's launcher schema, Serve's schema, Ray's RuntimeEnv), every entry point, import path
+and config key it names exists, and every Ray image and version pin matches pyproject.toml.
 
 Nothing here deploys: the manifests are checked as text against the package (the parsers of the
 pipelines themselves read the commands, dinomaly.config validates every key) and against the schemas in
-tests/schemas/ (the KubeRay one is hand-written; tests/schemas/README.md says from what).
+tests/schemas/ (the KubeRay one is hand-written; tests/schemas/README.md says from what) and the strict
+Kubernetes schemas that the kubernetes-validate package ships.
 """
 
 from __future__ import annotations
 
 import ast
 import copy
+import functools
 import importlib.metadata
+import importlib.resources
 import importlib.util
 import json
 import re
@@ -21,9 +25,13 @@ import tomllib
 from pathlib import Path
 
 import jsonschema
+import kubernetes_validate
 import pydantic
 import pytest
 import yaml
+from kubernetes_validate.utils import all_versions
+from packaging.version import Version
+from referencing import Registry, Resource
 
 from dinomaly.config import apply_overrides, load_config
 
@@ -229,15 +237,22 @@ def test_local_multinode_script_is_valid_and_stops_by_pid():
     assert not any(re.search(r"\bray\"? stop\b|pkill|killall", line) for line in code)
 
 
-# --- schema validation: KubeRay CRDs, Ray's cluster launcher, Serve ---------------------------------------
+# --- schema validation: KubeRay CRDs, Kubernetes, Ray's cluster launcher, Serve ----------------------------
 
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 KUBERAY_SCHEMA = SCHEMAS / "kuberay-v1.5.1-v1.7.0" / "ray.io_v1.subset.yaml"  # hand-written: schemas/README.md
-# Kubernetes core kinds have no schema here (no registry package ships one): only their apiVersion is checked.
-CORE_KINDS = {"Namespace": "v1", "Secret": "v1", "ConfigMap": "v1", "Service": "v1", "PersistentVolumeClaim": "v1",
-              "Deployment": "apps/v1", "Job": "batch/v1"}
+# every Kubernetes release kubernetes-validate has strict API schemas for (1.25 to 1.37 in the pinned version)
+KUBERNETES_VERSIONS = sorted(set(all_versions()), key=Version)
 
 
+@functools.cache
+def kubernetes_definitions(version: str) -> Registry:
+    """Kubernetes' API types of one release (strict: unknown fields rejected), as the KubeRay schema refers to them."""
+    folder = importlib.resources.files("kubernetes_validate") / "kubernetes-json-schema" / f"v{version}-local-strict"
+    return Resource.from_contents(json.loads((folder / "_definitions.json").read_text())) @ Registry()
+
+
+@functools.cache
 def kuberay_schema(kind: str) -> dict:
     return yaml.safe_load(KUBERAY_SCHEMA.read_text())["kinds"][kind]
 
@@ -259,10 +274,29 @@ def closed(schema):
     return schema
 
 
-def schema_errors(document: dict, schema: dict) -> list[str]:
-    validator = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)(schema)
+def schema_errors(document: dict, schema: dict, registry: Registry | None = None) -> list[str]:
+    validator_class = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    validator = validator_class(schema, registry=registry) if registry else validator_class(schema)
     return [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
             for e in validator.iter_errors(document)]
+
+
+def kubernetes_errors(document: dict) -> list[str]:
+    """A KubeRay object against our schema, or a core object against Kubernetes' own, for every release."""
+    errors = []
+    for version in KUBERNETES_VERSIONS:
+        if document.get("apiVersion", "").startswith("ray.io/"):
+            found = schema_errors(document, kuberay_schema(document["kind"]), kubernetes_definitions(version))
+        else:
+            try:
+                kubernetes_validate.validate(document, version, strict=True)
+                found = []
+            except kubernetes_validate.SchemaNotFoundError as err:
+                found = [err.message]
+            except kubernetes_validate.ValidationError as err:
+                found = [f"{'.'.join(map(str, err.absolute_path)) or '<root>'}: {err.message}"]
+        errors += [f"Kubernetes {version}: {e}" for e in found]
+    return errors
 
 
 def serve_errors(config: dict) -> list[str]:
@@ -281,14 +315,10 @@ def manifest_errors(document: dict) -> list[str]:
         return serve_errors(document)
     if "provider" in document and "available_node_types" in document:
         return schema_errors(document, launcher_schema())
-    if document.get("apiVersion", "").startswith("ray.io/"):
-        errors = schema_errors(document, kuberay_schema(document["kind"]))
-        return errors + [e for inner in embedded_yaml(document) if "applications" in inner
-                         for e in serve_errors(inner)]
-    if document.get("kind") in CORE_KINDS:
-        wanted = CORE_KINDS[document["kind"]]
-        return [] if document.get("apiVersion") == wanted else [f"{document['kind']} needs apiVersion {wanted}"]
-    return [f"no schema for {document.get('kind') or sorted(document)[:3]}"]
+    if "apiVersion" in document and "kind" in document:
+        return kubernetes_errors(document) + [e for inner in embedded_yaml(document) if "applications" in inner
+                                              for e in serve_errors(inner)]
+    return [f"no schema for {sorted(document)[:3]}"]
 
 
 SCHEMA_DOCUMENTS = [(path, i, doc) for path in YAML_FILES if path.name != "runtime_env.yaml"
@@ -324,6 +354,8 @@ def misspelled(path: str, key_path: list, wrong: str) -> dict:
      "volumeMount"),
     ("kuberay/rayjob-train.yaml", ["spec", "entrypoint"], "entryPoint"),
     ("kuberay/rayservice.yaml", ["spec", "rayClusterConfig", "authOptions"], "authOption"),
+    ("kuberay/rayservice.yaml", ["metadata", "name"], "nmae"),
+    ("mlflow/mlflow-server.yaml", ["stringData"], "stringdata"),
     ("launcher/aws-gpu.yaml", ["available_node_types", "gpu_worker", "min_workers"], "min_worker"),
     ("serve_config.yaml", ["applications", 0, "import_path"], "improt_path"),
     ("serve_config.yaml", ["applications", 0, "deployments", 0, "user_config"], "user_conifg"),
@@ -336,6 +368,37 @@ def test_a_misspelled_field_inside_the_embedded_serve_config_fails():
     service = copy.deepcopy(documents(CLUSTER / "kuberay/rayservice.yaml")[0])
     service["spec"]["serveConfigV2"] = service["spec"]["serveConfigV2"].replace("route_prefix", "route_prefx")
     assert manifest_errors(service) != []
+
+
+def document_of_kind(path: str, kind: str) -> dict:
+    return copy.deepcopy(next(d for d in documents(CLUSTER / path) if d.get("kind") == kind))
+
+
+def test_core_objects_are_checked_against_kubernetes_own_schema():
+    deployment = document_of_kind("storage/minio.yaml", "Deployment")
+    deployment["spec"]["replicas"] = "one"
+    assert any("spec.replicas" in e for e in manifest_errors(deployment))
+    job = document_of_kind("storage/minio.yaml", "Job")
+    job["spec"]["backofLimit"] = job["spec"].pop("backoffLimit")
+    assert any("backofLimit" in e for e in manifest_errors(job))
+
+
+def test_ray_pod_templates_are_kubernetes_pod_templates():
+    """Any real pod field is accepted (the Kubernetes types are not cut down by hand), typed and per release."""
+    cluster = document_of_kind("kuberay/raycluster.yaml", "RayCluster")
+    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]
+    head["priorityClassName"] = "inspection"
+    head["securityContext"] = {"runAsNonRoot": True, "fsGroup": 1000}
+    gpu_nodes = {"key": "node.kubernetes.io/instance-type", "operator": "In", "values": ["g5.xlarge"]}
+    head["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": [gpu_nodes]}]}}}
+    assert manifest_errors(cluster) == []
+    head["containers"][0]["ports"] = [{"containerPort": "gcs"}]
+    assert any("containerPort" in e for e in manifest_errors(cluster))
+    head["containers"][0]["ports"] = [{"containerPort": 6379}]
+    head["containers"][0]["resizePolicy"] = [{"resourceName": "cpu", "restartPolicy": "NotRequired"}]  # since 1.27
+    failing = {e.split(":")[0] for e in manifest_errors(cluster)}
+    assert failing == {"Kubernetes 1.25.0", "Kubernetes 1.26.0"}
 
 
 # --- what a real cluster needs that the schemas cannot see ----------------------------------------------
