@@ -171,8 +171,10 @@ def main() -> None:
     parser.add_argument("--reference-repo", required=True, help="a checkout of guojiajeremy/Dinomaly")
     parser.add_argument("--reference-python", default=sys.executable,
                         help="the Python of the reference's environment (default: this one)")
-    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=["vit_s"])
-    parser.add_argument("--what", nargs="+", choices=["train", "score"], default=["train", "score"])
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=["vit_s"],
+                        help="DINOv2-reg ViT-S/14 or ViT-B/14 encoder, batch 8 at 224 px (default vit_s)")
+    parser.add_argument("--what", nargs="+", choices=["train", "score"], default=["train", "score"],
+                        help="the training step, scoring, or both (default both)")
     parser.add_argument("--reps", type=int, default=3, help="process pairs per case and measurement")
     parser.add_argument("--steps", type=int, default=5, help="timed calls per process (after one warm-up)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads, both sides")
