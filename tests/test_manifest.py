@@ -68,6 +68,16 @@ def test_load_manifest_from_config_builds_or_reads_and_filters(mvtec_root, tmp_p
     assert select(read, split="train").num_rows == 3
 
 
+def test_a_manifest_trained_config_reads_a_dataset_folder_by_its_own_layout(mvtec_root, tmp_path):
+    """A model trained from a manifest keeps data.layout=manifest; evaluate/calibrate may then get a folder."""
+    from_folder = load_manifest(DataConfig(root=str(mvtec_root), layout="manifest"))
+    assert from_folder.equals(load_manifest(DataConfig(root=str(mvtec_root))))
+    path = write_manifest(from_folder, str(tmp_path / "m"))  # a manifest file without the .parquet suffix
+    assert load_manifest(DataConfig(root=path, layout="manifest")).equals(from_folder)
+    with pytest.raises(FileNotFoundError, match="manifest .* not found"):
+        load_manifest(DataConfig(root=str(tmp_path / "missing"), layout="manifest"))
+
+
 def test_counts_table(mvtec_root, realiad_root):
     table = build_manifest(read_layout(str(mvtec_root), "mvtec"))
     rows = {r["category"]: r for r in count_rows(table)}

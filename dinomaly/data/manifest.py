@@ -6,6 +6,7 @@ any cluster work, then read by Ray Data (distributed) or ManifestDataset (local 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections import Counter
@@ -99,6 +100,12 @@ def load_manifest(data: DataConfig, filesystem: pafs.FileSystem | None = None) -
     """
     if not data.root:
         raise ValueError("data.root is empty; set it to a dataset folder, an s3:// prefix or a .parquet manifest")
+    if data.layout == "manifest" and not data.root.endswith(".parquet"):
+        source = resolve_root(data.root, filesystem, data)
+        if source.fs.get_file_info(source.base).type == pafs.FileType.Directory:
+            # a model trained from a manifest keeps layout=manifest in its config; given a dataset folder to
+            # evaluate or calibrate on, read that folder's own layout
+            data = dataclasses.replace(data, layout="auto")
     if data.layout == "manifest" or data.root.endswith(".parquet"):
         return select(read_manifest(data.root, filesystem, data), categories=data.categories)
     return build_manifest(records_from_config(data, filesystem))
