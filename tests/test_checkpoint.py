@@ -179,6 +179,13 @@ def test_load_official_refuses_pickled_objects(tmp_path, official_state_dict):
         load_official(tmp_path / "model.pth", reference_model_config())
 
 
+@pytest.mark.parametrize("content", [b"junk!", b"\x80\x02}q\x00(X", b"PK\x03\x04garbage"])
+def test_load_official_names_a_corrupt_file(tmp_path, content):
+    (tmp_path / "model.pth").write_bytes(content)
+    with pytest.raises(ValueError, match=r"model\.pth is not a (readable weights file|plain tensor state dict)"):
+        load_official(tmp_path / "model.pth", reference_model_config())
+
+
 def test_load_official_never_downloads(official_state_dict):
     """encoder_weights='hub' in the config must not trigger a download: the file holds the encoder."""
     model = load_official(official_state_dict, reference_model_config(encoder_weights="hub"))

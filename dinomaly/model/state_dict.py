@@ -73,6 +73,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is not a plain tensor state dict that torch.load(weights_only=True) "
                          "accepts; arbitrary pickles are refused. Re-save it as a dict of tensors or as "
                          f".safetensors ({type(err).__name__})") from err
+    except Exception as err:  # corrupt or truncated bytes fail inside the unpickler with any error type
+        raise ValueError(f"{path} is not a readable weights file (corrupt or truncated: {type(err).__name__}); "
+                         "download or copy it again") from err
     if not isinstance(state_dict, Mapping):
         raise ValueError(f"{path} holds a {type(state_dict).__name__}, not a state dict (name -> tensor)")
     return dict(state_dict)
