@@ -190,3 +190,18 @@ def test_load_official_never_downloads(official_state_dict):
     """encoder_weights='hub' in the config must not trigger a download: the file holds the encoder."""
     model = load_official(official_state_dict, reference_model_config(encoder_weights="hub"))
     assert isinstance(model, Dinomaly) and model.config.encoder_weights == "hub"
+
+
+def test_a_run_folder_with_several_checkpoints_is_not_guessed(tmp_path, reference_model):
+    """--model runs/<name> holds the final checkpoint and the periodic ones: which one is the user's to say."""
+    from dinomaly.distributed.models import resolve_model
+
+    for name in ("checkpoint", "checkpoint_0000200", "checkpoint_0000300"):
+        save(tmp_path / "run" / name, reference_model, reference_model_config())
+    (tmp_path / "run" / "metrics.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"holds 3 checkpoints .*e\.g\. .*/run/checkpoint$"):
+        resolve_model(str(tmp_path / "run"), Config())
+    assert resolve_model(str(tmp_path / "run" / "checkpoint_0000200"), Config()).directory.name == "checkpoint_0000200"
+    single = tmp_path / "single"
+    save(single / "checkpoint_0000300", reference_model, reference_model_config())
+    assert resolve_model(str(single), Config()).directory.name == "checkpoint_0000300"

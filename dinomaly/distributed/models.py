@@ -46,12 +46,19 @@ class ResolvedModel:
 
 def _checkpoint_in(root: Path, what: str) -> Path:
     """`root` itself or its single sub-folder holding model.safetensors + config.json."""
-    candidates = [root] + sorted(p for p in root.iterdir() if p.is_dir())
-    found = [p for p in candidates if (p / MODEL_FILE).is_file() and (p / CONFIG_FILE).is_file()]
+    if (root / MODEL_FILE).is_file() and (root / CONFIG_FILE).is_file():
+        return root
+    found = sorted(p for p in root.iterdir()
+                   if p.is_dir() and (p / MODEL_FILE).is_file() and (p / CONFIG_FILE).is_file())
     if not found:
         listing = sorted(p.name for p in root.iterdir())
         raise FileNotFoundError(f"{what} holds no dinomaly checkpoint ({MODEL_FILE} + {CONFIG_FILE}); found "
                                 f"{listing}; point --model at a directory written by dinomaly.checkpoint.save")
+    if len(found) > 1:  # a run folder: its final model and the periodic checkpoints; never guess which
+        names = [p.name for p in found]
+        example = "checkpoint" if "checkpoint" in names else names[-1]  # a training run's final model
+        raise ValueError(f"{what} holds {len(found)} checkpoints ({', '.join(names)}); point --model at one of "
+                         f"them, e.g. {what.rstrip('/')}/{example}")
     return found[0]
 
 
