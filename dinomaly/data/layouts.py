@@ -312,7 +312,7 @@ def read_layout(root: str, layout: str = "auto", categories: Sequence[str] | Non
                                 "endpoint (data.endpoint_url / AWS_ENDPOINT_URL) and the credentials") from err
     if not exists:
         raise FileNotFoundError(f"dataset root {data.uri} does not exist (or is an empty bucket prefix); "
-                                "check data.root / --root")
+                                "check --data (data.root)")
     if layout == "auto":
         layout = detect_layout(data, visa_split_csv)
         logger.info("detected layout '%s' at %s", layout, data.uri)

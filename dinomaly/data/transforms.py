@@ -24,7 +24,7 @@ import zlib
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 if TYPE_CHECKING:
     import torch
@@ -95,8 +95,11 @@ def _open_fully(data: bytes, uri: str, max_pixels: int | None, draft_px: int | N
     except _DECODE_ERRORS as err:
         if isinstance(err, CorruptImageError):
             raise
-        raise CorruptImageError(f"cannot decode image{where}: {type(err).__name__}: {err}; "
-                                "the file is truncated or not an image") from err
+        # PIL names the in-memory buffer (<_io.BytesIO object at 0x...>) where the file name belongs
+        detail = "no image format recognised" if isinstance(err, UnidentifiedImageError) else \
+            f"{type(err).__name__}: {err}"
+        raise CorruptImageError(f"cannot decode image{where}: {detail}; the file is truncated or not an image") \
+            from err
     return image
 
 
