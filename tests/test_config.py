@@ -51,6 +51,8 @@ def test_unknown_key_names_closest_match():
         load_config(None, ["train.lrr=1"])
     with pytest.raises(ValueError, match="unknown config key 'modle'"):
         from_dict(Config, {"modle": {}})
+    with pytest.raises(ValueError, match=r"train\.learning_rate.*did you mean 'train\.lr'"):  # by its initials
+        load_config(None, ["train.learning_rate=1e-3"])
 
 
 @pytest.mark.parametrize(

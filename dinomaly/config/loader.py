@@ -89,7 +89,8 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
     for key, value in data.items():
         where = f"{path}.{key}" if path else key
         if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
+            initials = "".join(word[:1] for word in key.split("_"))  # learning_rate -> lr
+            close = [initials] if initials in names else difflib.get_close_matches(key, names, n=1)
             hint = f"; did you mean '{(path + '.') if path else ''}{close[0]}'?" if close else ""
             raise ValueError(f"unknown config key '{where}'{hint} (known: {', '.join(names)})")
         tp = hints[key]
