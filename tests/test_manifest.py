@@ -100,3 +100,9 @@ def test_prepare_data_pipeline_writes_manifest_and_prints_counts(folder_root, tm
     printed = capsys.readouterr().out
     assert "widget" in printed and "gadget" not in printed and str(out) in printed
     assert read_manifest(str(out)).num_rows == 7
+
+
+def test_a_file_that_is_no_parquet_is_named(tmp_path):
+    (tmp_path / "manifest.parquet").write_bytes(b"hello\n")
+    with pytest.raises(ValueError, match=r"manifest\.parquet is not a readable Parquet manifest"):
+        read_manifest(str(tmp_path / "manifest.parquet"))

@@ -153,7 +153,11 @@ def read_manifest(uri: str, filesystem: pafs.FileSystem | None = None,
     if source.fs.get_file_info(source.base).type != pafs.FileType.File:
         raise FileNotFoundError(f"manifest {source.uri} not found; build it with "
                                 "`python pipelines/prepare_data.py --data <dataset> --output <manifest.parquet>`")
-    table = pq.read_table(source.base, filesystem=source.fs)
+    try:
+        table = pq.read_table(source.base, filesystem=source.fs)
+    except pa.ArrowInvalid as err:
+        raise ValueError(f"{source.uri} is not a readable Parquet manifest ({err}); build it with "
+                         "`python pipelines/prepare_data.py --data <dataset> --output <manifest.parquet>`") from err
     validate_manifest(table)
     if not is_packed(table):
         return table.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
