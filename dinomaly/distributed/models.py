@@ -77,8 +77,10 @@ def _from_registry(uri: str, config: Config) -> ResolvedModel:
         version = (client.get_model_version_by_alias(name, alias) if alias
                    else client.get_model_version(name, match["version"]))
     except MlflowException as err:
-        raise ValueError(f"{uri} is not in the registry at {tracking_uri} ({err.message}); list versions with "
-                         "`mlflow models` / the MLflow UI, or set tracking.tracking_uri / MLFLOW_TRACKING_URI") from err
+        raise ValueError(f"{uri} is not in the registry at {tracking_uri} ({err.message}); see its versions and "
+                         "aliases in the MLflow UI (Models) or with "
+                         f"MlflowClient().search_model_versions(\"name='{name}'\"), or set tracking.tracking_uri / "
+                         "MLFLOW_TRACKING_URI") from err
     metrics = dict(client.get_run(version.run_id).data.metrics) if version.run_id else {}
     download = Path(tempfile.mkdtemp(prefix="dinomaly-model-"))
     try:
