@@ -164,6 +164,9 @@ def resolve_thresholds(override: float | None, method: str, metadata: Mapping[st
 def _positive(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise RequestError(422, f"{where}={value!r} must be a finite number > 0")
+    if value > 2:  # scores are cosine distances (1 - cosine similarity), so never above 2
+        raise RequestError(422, f"{where}={value!r} must be <= 2: anomaly scores are cosine distances, in [0, 2], "
+                                "so a higher threshold never flags anything")
     return float(value)
 
 

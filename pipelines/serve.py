@@ -13,12 +13,15 @@ http://127.0.0.1:8000/v1/predict`. Serving options are the serve.* config keys (
 from __future__ import annotations
 
 import argparse
+import errno
+import socket
 import sys
 from typing import Any
 
 import dinomaly.distributed  # noqa: F401 - sets Ray's loopback environment before Ray is imported
 from dinomaly.config import Config, apply_overrides, load_config
 from dinomaly.config.cli import entry_parser, start_logging
+from dinomaly.distributed.cluster import attaching_to_cluster
 from dinomaly.distributed.entry import run_job
 from dinomaly.distributed.serve import app as serving
 
@@ -28,12 +31,40 @@ def build_parser() -> argparse.ArgumentParser:
                           set_example="--set serve.threshold=0.05",
                           help={"config": "YAML preset name or path (serve, tracking and data sections)",
                                 "model": "the model to serve: a checkpoint folder, an s3:// prefix, "
-                                         "models:/<name>/<version> or models:/<name>@<alias>",
+                                         "models:/<name>/<version>, models:/<name>@<alias>, or a file "
+                                         "exported by pipelines/export.py (model.onnx, OpenVINO model.xml); "
+                                         "not official .pth weights (fine-tune them into a checkpoint with "
+                                         "pipelines/train.py --init-from)",
                                 "workers": "model replicas (serve.num_replicas)",
                                 "gpu": "one GPU per replica (serve.num_gpus=1)"})
     parser.add_argument("--host", default=None, help="bind address (serve.host; default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="HTTP port (serve.port; default 8000)")
     return parser
+
+
+def starts_local_ray() -> bool:
+    """Whether ray.init() here starts a new local Ray, with a Serve proxy of its own, rather than joining a
+    running cluster (RAY_ADDRESS, or the last `ray start` on this machine), whose Serve a redeploy reuses."""
+    import ray
+    from ray._private.utils import read_ray_address  # where ray.init() looks when given no address
+
+    return not (attaching_to_cluster() or ray.is_initialized() or read_ray_address())
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a host:port something already listens on. Serve's proxy binds with SO_REUSEPORT, so a second
+    local Serve would share the port with the first and split requests between their models."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # SO_REUSEADDR: a port left in TIME_WAIT by a stopped server is free; one with a listener is not
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise ValueError(f"{host}:{port} is in use (another pipelines/serve.py?); stop it or pass "
+                                 "--port") from None
+            raise ValueError(f"cannot listen on {host}:{port} ({err.strerror or err}); pass another --host or "
+                             "--port") from None
 
 
 def app(args: dict[str, Any]):
@@ -57,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def check() -> tuple[Config, serving.ModelInfo]:
         config = apply_overrides(load_config(args.config, args.set), overrides)
+        if starts_local_ray():  # on a running cluster, Serve already holds the port: a redeploy replaces the app
+            check_port_free(config.serve.host, config.serve.port)
         return config, serving.check_model(args.model, config)  # a bad model or token set-up fails before Ray
 
     return run_job(check, lambda checked: serving.serve_until_stopped(args.model, *checked),

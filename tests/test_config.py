@@ -67,6 +67,8 @@ def test_unknown_key_names_closest_match():
         ("train.precision=fp16", r"not one of \['fp32', 'bf16'\]"),
         ("train.total_steps=abc", "must be an integer"),
         ("eval.blur_kernel=4", "positive odd number"),
+        ("serve.threshold=5", r"must be in \(0, 2\] or null"),
+        ("serve.threshold=0", r"must be in \(0, 2\] or null"),
     ],
 )
 def test_bad_values_raise_with_fix(override, message):

@@ -12,6 +12,7 @@ import io
 import json
 import math
 import shutil
+import socket
 import threading
 import time
 
@@ -106,6 +107,17 @@ def test_bad_threshold_updates_are_refused(body):
     assert err.value.status == 422
 
 
+@pytest.mark.parametrize("body", [{"global": 1.7e308}, {"global": 2.000001}, {"classes": {"bottle": 3}},
+                                  {"global": 0.3, "classes": {"screw": 1e9}}])
+def test_thresholds_above_the_score_range_are_refused(body):
+    """Scores are cosine distances in [0, 2]: a higher threshold would silently flag nothing."""
+    with pytest.raises(RequestError, match=r"must be <= 2: anomaly scores are cosine distances") as err:
+        check_threshold_update(body, TABLE)
+    assert err.value.status == 422
+    assert check_threshold_update({"global": 2, "classes": {"bottle": 2.0}}, TABLE) == {
+        "global": 2.0, "classes": {"bottle": 2.0}}  # the top of the range itself is allowed
+
+
 def test_threshold_update_replaces_only_named_entries():
     update = check_threshold_update({"classes": {"bottle": 0.25}}, TABLE)
     changed = apply_threshold_update(TABLE, update)
@@ -150,8 +162,8 @@ def test_deployment_options_follow_the_serve_config():
                                             "target_ongoing_requests": 16}
 
 
-def test_pipeline_refuses_a_model_it_cannot_load(tmp_path, served_model, capsys):
-    """pipelines/serve.py exits non-zero with the reason before starting anything (no crash loop)."""
+def load_serve_pipeline():
+    """pipelines/serve.py as a module (pipelines/ is not a package)."""
     import importlib.util
 
     from conftest import REPO
@@ -159,6 +171,52 @@ def test_pipeline_refuses_a_model_it_cannot_load(tmp_path, served_model, capsys)
     spec = importlib.util.spec_from_file_location("serve_pipeline", REPO / "pipelines" / "serve.py")
     pipeline = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pipeline)
+    return pipeline
+
+
+def test_pipeline_refuses_a_port_in_use_before_any_ray(monkeypatch, tmp_path, capsys):
+    """A second serve.py on its own local Ray would share the port with the first (Serve's proxy binds with
+    SO_REUSEPORT): it must stop with one line, exit 2, before the model is read or Ray/Serve starts."""
+    pipeline = load_serve_pipeline()
+    started = []
+    monkeypatch.setattr(pipeline.serving, "serve_until_stopped", lambda *a: started.append(a) or 0)
+    monkeypatch.setattr(pipeline, "starts_local_ray", lambda: True)
+    with socket.socket() as held:  # as the first serve.py's proxy holds it
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        assert pipeline.main(["--model", str(tmp_path / "nowhere"), "--port", str(port)]) == 2
+        err = capsys.readouterr().err
+        assert f"error: cannot serve {tmp_path / 'nowhere'}: 127.0.0.1:{port} is in use (another " in err
+        assert "stop it or pass --port" in err and len(err.strip().splitlines()) == 1 and not started
+        monkeypatch.setattr(pipeline, "starts_local_ray", lambda: False)  # joining a cluster: its Serve owns it
+        assert pipeline.main(["--model", str(tmp_path / "nowhere"), "--port", str(port)]) == 2
+        assert "not a directory" in capsys.readouterr().err and not started
+    pipeline.check_port_free("127.0.0.1", port)  # closed again: free, and the check itself holds nothing
+    pipeline.check_port_free("127.0.0.1", port)
+
+
+def test_joining_a_cluster_skips_the_port_check(monkeypatch):
+    pipeline = load_serve_pipeline()
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert pipeline.starts_local_ray() is False
+    with pytest.raises(ValueError, match=r"cannot listen on 192.0.2.1:8000 \(.*\); pass another --host"):
+        pipeline.check_port_free("192.0.2.1", 8000)  # not an address of this machine (TEST-NET-1)
+
+
+def test_pipeline_help_says_what_model_accepts(capsys):
+    with pytest.raises(SystemExit):
+        load_serve_pipeline().main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for accepted in ("checkpoint folder", "s3:// prefix", "models:/<name>/<version>", "models:/<name>@<alias>",
+                     "model.onnx", "model.xml", "not official .pth"):
+        assert accepted in text
+
+
+def test_pipeline_refuses_a_model_it_cannot_load(tmp_path, served_model, capsys, monkeypatch):
+    """pipelines/serve.py exits non-zero with the reason before starting anything (no crash loop)."""
+    pipeline = load_serve_pipeline()
+    monkeypatch.setattr(pipeline, "starts_local_ray", lambda: False)  # whether port 8000 is free is not the point
     assert pipeline.main(["--model", str(tmp_path / "nowhere")]) == 2
     assert "not a directory" in capsys.readouterr().err
     from dinomaly.checkpoint import load, save
@@ -448,7 +506,7 @@ def test_requests_name_their_class(registry_app, serve_app):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("body", ['{"global": -1}', '{"global": "NaN"}', '{"classes": {"cable": 0.3}}', '[1]',
-                                  'not json'])
+                                  'not json', '{"global": 1.7e308}'])
 def test_bad_threshold_changes_get_4xx_and_change_nothing(registry_app, body):
     url, _, registry_threshold = registry_app
     auth = {"Authorization": f"Bearer {TOKEN}"}

@@ -38,11 +38,12 @@ class ServeConfig:
     max_image_pixels: int = doc("largest accepted width*height (decompression-bomb guard; larger: HTTP 413)",
                                 default=50_000_000)
     max_batch_images: int = doc("most images in one /v1/predict/batch request (more: HTTP 413)", default=32)
-    threshold: float | None = doc("image-score threshold of the verdict; null = from the checkpoint or registry "
-                                  "metadata (F1-optimal or normal-quantile, written by training)", default=None)
+    threshold: float | None = doc("image-score threshold of the verdict for classes without their own; null = the "
+                                  "model's (its per-class calibration table when it has one, else the training "
+                                  "threshold that threshold_method names)", default=None)
     threshold_method: Literal["image_f1_optimal", "image_normal_quantile"] = doc(
-        "which training threshold to serve: F1-optimal on the test split, or a quantile of normal scores "
-        "(for data without defect labels)", default="image_f1_optimal")
+        "for a model without a per-class calibration table: which training threshold to use, F1-optimal on the "
+        "test split or a quantile of normal scores (for data without defect labels)", default="image_f1_optimal")
     auth_token_env: str = doc("name of an environment variable holding a bearer token (empty = not used)",
                               default="")
     auth_token_file: str = doc("file holding a bearer token (empty = not used); with neither, no auth", default="")
@@ -64,8 +65,9 @@ class ServeConfig:
                              f"{self.max_batch_size}; a batch could never fill, raise max_ongoing_requests")
         if self.num_cpus <= 0 or self.num_gpus < 0:
             raise ValueError(f"serve.num_cpus={self.num_cpus} must be > 0 and serve.num_gpus={self.num_gpus} >= 0")
-        if self.threshold is not None and not math.isfinite(self.threshold):
-            raise ValueError(f"serve.threshold={self.threshold} must be a finite number or null")
+        if self.threshold is not None and not (math.isfinite(self.threshold) and 0 < self.threshold <= 2):
+            raise ValueError(f"serve.threshold={self.threshold} must be in (0, 2] or null: anomaly scores are cosine "
+                             "distances, in [0, 2]")
         if not self.route_prefix.startswith("/"):
             raise ValueError(f"serve.route_prefix={self.route_prefix!r} must start with '/', e.g. '/' or '/dinomaly'")
 

@@ -143,8 +143,8 @@ def create_api(service: ScoringService, score: ScoreFn, publish: PublishFn | Non
 
     @api.put("/v1/thresholds", summary="Change thresholds at run time (every replica, no weight reload)")
     async def put_thresholds(request: Request) -> dict[str, Any]:
-        """Body: {"global": t, "classes": {name: t}}, either part optional, t finite and > 0; entries not named
-        keep their value. Answers the thresholds now in force."""
+        """Body: {"global": t, "classes": {name: t}}, either part optional, 0 < t <= 2 (scores lie in [0, 2]);
+        entries not named keep their value. Answers the thresholds now in force."""
         check_bearer(request.headers.get("authorization"), service.token)
         try:
             body = json.loads(await read_limited(request, 1024 * 1024) or b"null")
