@@ -586,3 +586,27 @@ def test_threshold_change_under_load(registry_app, serve_app):
     finally:
         reset = requests.delete(f"{url}v1/thresholds", headers=auth, timeout=60)
         assert reset.status_code == 200 and reset.json()["classes"]["high"]["threshold"] == pytest.approx(old)
+
+
+@pytest.mark.parametrize("stop_s,exits", [(0.0, []), (5.0, [0])])
+def test_stopping_gives_up_when_ray_went_down_with_the_signal(monkeypatch, capsys, stop_s, exits):
+    """A SIGTERM to the whole process group (timeout, systemd) stops Ray too, and Serve's shutdown would then
+    wait a minute for the dead GCS: the wait is bounded. Serve itself is replaced by stand-ins here."""
+    import os
+    import signal
+    import types
+
+    from dinomaly.distributed.serve import app
+
+    monkeypatch.setattr(app, "start", lambda *a: "http://127.0.0.1:1/")
+    monkeypatch.setattr(app, "direct_urls", lambda config: [])
+    monkeypatch.setattr(app, "STOP_WAIT_S", 0.3)
+    monkeypatch.setattr(app, "stop", lambda: time.sleep(stop_s))
+    monkeypatch.setattr(signal, "signal", lambda *a: None)
+    monkeypatch.setattr(signal, "pause", lambda: (_ for _ in ()).throw(SystemExit(0)))  # the signal arrives
+    exited = []
+    monkeypatch.setattr(os, "_exit", exited.append)
+    info = types.SimpleNamespace(name="m", version="1", threshold=0.1, threshold_source="test")
+    assert app.serve_until_stopped("m", Config(), info) == 0
+    assert exited == exits
+    assert ("did not stop within" in capsys.readouterr().err) == bool(exits)

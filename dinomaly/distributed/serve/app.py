@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -336,6 +337,7 @@ def check_model(model_uri: str, config: Config) -> ModelInfo:
 
 
 APP_NAME = "dinomaly"
+STOP_WAIT_S = 20.0  # a graceful stop takes about 8 s on 2 cores
 
 
 def start(model_uri: str, config: Config) -> str:
@@ -398,5 +400,13 @@ def serve_until_stopped(model_uri: str, config: Config, info: ModelInfo) -> int:
     except (KeyboardInterrupt, SystemExit):
         pass
     finally:
-        stop()
+        # a SIGTERM to the whole process group (timeout, systemd, a container stop) stops Ray's own processes
+        # too, and Serve's shutdown then waits a minute for the dead GCS: give it STOP_WAIT_S, then leave
+        stopper = threading.Thread(target=stop, daemon=True)
+        stopper.start()
+        stopper.join(STOP_WAIT_S)
+        if stopper.is_alive():
+            print(f"Serve did not stop within {STOP_WAIT_S:.0f} s (Ray's processes got the signal too); exiting",
+                  file=sys.stderr, flush=True)
+            os._exit(0)
     return 0
