@@ -1,7 +1,7 @@
 """Recalibrate a trained model's per-class thresholds on new normal images, without retraining.
 
     python pipelines/calibrate.py --model runs/demo/checkpoint --data camera2/manifest.parquet --output runs/demo-cam2
-    python pipelines/calibrate.py --model models:/dinomaly@champion --data s3://bucket/cam2.parquet
+    python pipelines/calibrate.py --model models:/dinomaly@champion --data s3://bucket/cam2.parquet \\
         --target-fpr 0.005 --output runs/champion-cam2
 
 For a new camera, new lighting, or a preset trained on its whole training set (calibration_share 0). Only the
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
                           required=("model", "data", "output"), set_example="--set eval.actors=2",
                           help={"data": "the new normal images: a .parquet manifest, a dataset layout root (folder) "
                                         "or an s3:// prefix; only label-0 rows are used",
-                                "output": "folder for the new checkpoint (weights + config + the new table)",
+                                "output": "required: folder for the new checkpoint (weights + config + the new table)",
                                 "workers": "model actors scoring images (eval.actors)",
                                 "gpu": "one GPU per model actor (eval.gpus_per_actor=1)"})
     parser.add_argument("--target-fpr", type=float, default=None, metavar="RATE",

@@ -1,7 +1,7 @@
 """Export a trained model to ONNX or OpenVINO, checked against PyTorch before anything is written.
 
     python pipelines/export.py --model runs/demo/checkpoint --format onnx --output exported/demo
-    python pipelines/export.py --model models:/dinomaly@champion --format openvino --output exported/champion-ov
+    python pipelines/export.py --model models:/dinomaly@champion --format openvino --output exported/champion-ov \\
         --data demo_data/manifest.parquet --images 32
 
 The artefact holds the whole scoring path: input normalisation, the network, the anomaly map, its resize and
@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                           set_example="--set eval.resize=256",
                           help={"data": "held-out images for the check: a .parquet manifest (test rows first), a "
                                         "folder or an s3:// prefix; default: generated images",
-                                "output": "new folder for the artefact (model.onnx, or model.xml + model.bin)"})
+                                "output": "required: new folder for the artefact (model.onnx, or model.xml + model.bin); "
+                                          "missing parent folders are created"})
     add = parser.add_argument
     add("--format", required=True, choices=("onnx", "openvino"), help="onnx (onnxruntime) or openvino")
     add("--images", type=int, default=16, metavar="N", help="held-out images checked before writing (default 16)")

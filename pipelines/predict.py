@@ -6,23 +6,34 @@
 
 Results: <output>/results/*.parquet (pandas.read_parquet('<output>/results')), <output>/summary.json;
 every file appears whole, so the output can be read even while a run writes it or after it was killed.
-One row per input image: uri, score, is_anomalous (score >= the model's threshold), threshold,
+One row per input image: uri, score, is_anomalous (score >= the row's threshold), threshold,
 peak_row/peak_col (centroid of the top-1% anomaly-map pixels, in ORIGINAL image pixels; peak_row_map /
 peak_col_map: the same in the eval.resize x eval.resize map), height, width, heatmap_uri (with --heatmaps:
 an overlay PNG under <output>/heatmaps/, colours 0 .. 2 x threshold) and error (null = scored; unreadable
-images are kept with the reason). The threshold comes from --threshold, else the registry tag or the
-checkpoint's metadata (training writes it). An existing output is resumed (images already there are skipped)
-unless --overwrite; results of another model or threshold are never mixed in. A packed manifest
-(prepare_data.py --pack) is read from its shards; its rows are still named by their image_uri.
+images are kept with the reason). --threshold T decides every row (the model's per-class thresholds are set
+aside); without it, a manifest row's class threshold decides, else the model's global one (registry tag or
+checkpoint metadata; training writes them). With a manifest, --set data.categories=[nut,screw] scores only
+those classes' rows. An existing output is resumed (images already there are skipped) unless --overwrite;
+results of another model or threshold are never mixed in. A packed manifest (prepare_data.py --pack) is read
+from its shards; its rows are still named by their image_uri.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import dinomaly.distributed  # noqa: F401 - sets Ray's loopback environment before Ray is imported
 from dinomaly.config.cli import ACTOR_HELP, actor_settings, entry_parser, start_logging
+
+
+def score_threshold(text: str) -> float:
+    """An image-score threshold: scores are cosine distances, in [0, 2]."""
+    value = float(text)
+    if not (math.isfinite(value) and 0 < value <= 2):
+        raise argparse.ArgumentTypeError(f"{text} must be in (0, 2]: anomaly scores are cosine distances, in [0, 2]")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,11 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
                           help={"config": "YAML preset name or path (required for official .pth weights)",
                                 "data": "the images to score: a folder, an s3:// prefix or a .parquet manifest "
                                         "(a packed one is read from its shards)",
-                                "output": "result folder or s3:// prefix: results/*.parquet, summary.json, "
-                                          "heatmaps/; an existing one is resumed",
+                                "output": "required: result folder or s3:// prefix (created if missing): "
+                                          "results/*.parquet, summary.json, heatmaps/; an existing one is resumed",
                                 **ACTOR_HELP})
     add = parser.add_argument
-    add("--threshold", type=float, default=None, help="image-score threshold of the verdict")
+    add("--threshold", type=score_threshold, default=None, metavar="T",
+        help="image-score threshold for every row, overriding the model's per-class and global thresholds "
+             "(default: the model's own)")
     add("--heatmaps", action="store_true", help="write an overlay PNG per image")
     add("--overwrite", action="store_true", help="delete an existing output instead of resuming")
     add("--rows-per-file", type=int, default=2000, metavar="N",

@@ -55,7 +55,7 @@ def _expected(served_model) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def onnx_export(trained, tmp_path_factory):
     checkpoint, _ = trained
-    output = tmp_path_factory.mktemp("export") / "onnx"
+    output = tmp_path_factory.mktemp("export") / "exported" / "onnx"  # its parent folder is created too
     code = export_cli.main(["--model", str(checkpoint), "--format", "onnx", "--output", str(output), "--images", "8"])
     assert code == 0
     return checkpoint, output / "model.onnx"
@@ -66,7 +66,7 @@ def test_onnx_export_writes_one_checked_file_with_metadata(onnx_export, served_m
 
     checkpoint, path = onnx_export
     assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx"]
-    assert not [p for p in path.parent.parent.iterdir() if ".partial-" in p.name]  # staging removed
+    assert [p.name for p in path.parent.parent.iterdir()] == ["onnx"]  # staging removed
     meta = read_metadata(path)
     assert ThresholdTable.from_dict(meta["metadata"]["calibration"]) == TABLE
     assert meta["metadata"]["thresholds"]["image_f1_optimal"] == pytest.approx(served_model.threshold)
@@ -134,11 +134,11 @@ def test_export_refused_when_a_weight_changes_after_tracing(trained, tmp_path, m
         return out
 
     monkeypatch.setattr(checked, "trace_onnx", trace_then_perturb)
-    output = tmp_path / "refused"
+    output = tmp_path / "new" / "refused"
     code = export_cli.main(["--model", str(trained[0]), "--format", "onnx", "--output", str(output), "--images", "4"])
     err = capsys.readouterr()
     assert code == 2
-    assert not output.exists() and list(tmp_path.iterdir()) == []  # no artefact, no staging left
+    assert list(tmp_path.iterdir()) == []  # no artefact, no staging, and the parent it created is gone again
     assert "export refused" in err.err and "worst score error" in err.err and "DISAGREE" in err.out
 
 
@@ -147,6 +147,14 @@ def test_export_refuses_a_non_empty_output(served_model, tmp_path, capsys):
     code = export_cli.main(["--model", str(served_model.checkpoint), "--format", "onnx", "--output", str(tmp_path)])
     assert code == 2 and "not an empty folder" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_export_refuses_an_output_under_a_file(served_model, tmp_path, capsys):
+    (tmp_path / "file").write_text("mine")
+    output = tmp_path / "file" / "sub" / "out"
+    code = export_cli.main(["--model", str(served_model.checkpoint), "--format", "onnx", "--output", str(output)])
+    assert code == 2 and f"lies under {tmp_path / 'file'}, which is a file" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
 
 
 def test_predict_pipeline_scores_with_the_onnx_model(onnx_export, trained, served_model, ray_session, tmp_path):

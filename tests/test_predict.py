@@ -78,9 +78,10 @@ def test_local_one_row_per_image_resume_and_overwrite(model_and_images, ray_sess
     assert not (output / "heatmaps").exists()
 
 
-def test_manifest_input_scores_each_row_with_its_class_threshold(model_and_images, ray_session, tmp_path):
-    """A manifest's category column picks each row's threshold from the model's per-class table; a class the
-    table lacks is decided by the global threshold, and every row says which was used."""
+@pytest.fixture
+def calibrated(model_and_images, tmp_path):
+    """The predict model with a per-class table (nut: a threshold no image reaches) and a manifest of the images
+    whose odd rows are 'nut', even rows 'screw', plus a duplicate row; (checkpoint, manifest, paths, classes)."""
     import pyarrow as pa
 
     from dinomaly.calibration import METADATA_KEY, ClassThreshold, ThresholdTable
@@ -95,8 +96,17 @@ def test_manifest_input_scores_each_row_with_its_class_threshold(model_and_image
     classes = ["nut" if i % 2 else "screw" for i in range(len(paths))]
     pq.write_table(pa.table({"image_uri": paths + paths[:1], "category": classes + classes[:1]}),
                    tmp_path / "list.parquet")  # a duplicate
-    assert predict_cli.main(["--model", str(calibrated), "--data", str(tmp_path / "list.parquet"),
-                             "--output", str(tmp_path / "out")]) == 0
+    return calibrated, str(tmp_path / "list.parquet"), paths, classes
+
+
+def test_manifest_input_scores_each_row_with_its_class_threshold(calibrated, model_and_images, ray_session,
+                                                                  tmp_path, capsys):
+    """A manifest's category column picks each row's threshold from the model's per-class table; a class the
+    table lacks is decided by the global threshold, and every row says which was used. A --threshold the user
+    typed decides every row instead, and --set data.categories scores only those classes' rows."""
+    checkpoint, manifest, paths, classes = calibrated
+    threshold = model_and_images[2]
+    assert predict_cli.main(["--model", str(checkpoint), "--data", manifest, "--output", str(tmp_path / "out")]) == 0
     rows = read_results(str(tmp_path / "out"))
     assert sorted(r["uri"] for r in rows) == paths
     for row in rows:
@@ -108,6 +118,58 @@ def test_manifest_input_scores_each_row_with_its_class_threshold(model_and_image
             assert row["is_anomalous"] == (row["normalised_score"] >= 1)
     assert not any(r["is_anomalous"] for r in rows if r["class"] == "nut")
     assert any(r["is_anomalous"] for r in rows if r["class"] == "global")
+
+    capsys.readouterr()
+    assert predict_cli.main(["--model", str(checkpoint), "--data", manifest, "--output", str(tmp_path / "typed"),
+                             "--threshold", str(threshold), "--set", "data.categories=[nut]"]) == 0
+    assert f"global threshold {threshold:.6g} (--threshold), 0 class thresholds" in capsys.readouterr().out
+    rows = read_results(str(tmp_path / "typed"))
+    assert sorted(r["uri"] for r in rows) == [p for p, c in zip(paths, classes) if c == "nut"]
+    assert {r["class"] for r in rows} == {"global"}
+    assert all(r["threshold"] == pytest.approx(threshold) for r in rows)
+    scored = [r for r in rows if r["error"] is None]
+    assert all(r["is_anomalous"] == (r["score"] >= np.float32(threshold)) for r in scored)
+    assert any(r["is_anomalous"] for r in scored)  # the nut table's 1e6 would have called none anomalous
+
+
+def test_typed_threshold_replaces_the_class_table(calibrated, model_and_images):
+    """Checked before any Ray work: --threshold becomes the only threshold, named as the user's."""
+    from dinomaly.distributed.batch import predict
+
+    checkpoint, manifest, paths, _ = calibrated
+    own = predict.prepare(str(checkpoint), manifest, None, [], None, 100)
+    assert set(own.thresholds.classes) == {"nut"} and own.thresholds.global_threshold.source == "calibration"
+    typed = predict.prepare(str(checkpoint), manifest, None, [], 0.25, 100)
+    assert typed.thresholds.classes == {}
+    assert (typed.thresholds.global_threshold.threshold, typed.thresholds.global_threshold.source) == (0.25, "--threshold")
+    assert typed.inputs == own.inputs == paths and typed.classes == own.classes
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "inf", "2.5"])
+def test_threshold_must_be_a_possible_score(capsys, value):
+    with pytest.raises(SystemExit) as exit_info:
+        predict_cli.build_parser().parse_args(["--model", "m", "--data", "d", "--output", "o", "--threshold", value])
+    assert exit_info.value.code == 2 and f"--threshold: {value} must be in (0, 2]" in capsys.readouterr().err
+    assert predict_cli.build_parser().parse_args(["--model", "m", "--data", "d", "--output", "o",
+                                                  "--threshold", "2"]).threshold == 2
+
+
+def test_categories_select_manifest_rows(calibrated, model_and_images):
+    from dinomaly.distributed.batch import predict
+
+    checkpoint, manifest, paths, classes = calibrated
+    job = predict.prepare(str(checkpoint), manifest, None, ["data.categories=[screw]", "eval.actors=1"], None, 100)
+    screws = [p for p, c in zip(paths, classes) if c == "screw"]
+    assert job.inputs == screws and job.classes == dict.fromkeys(screws, "screw")
+    both = predict.prepare(str(checkpoint), manifest, None, ["data.categories=[nut, screw]"], None, 100)
+    assert both.inputs == paths
+    everything = predict.prepare(str(checkpoint), manifest, None, ["data.categories=[]"], None, 100)
+    assert everything.inputs == paths
+    with pytest.raises(ValueError, match=r"data.categories \['bolt'\] are not in .*its classes: \['nut', 'screw'\]"):
+        predict.prepare(str(checkpoint), manifest, None, ["data.categories=[nut, bolt]"], None, 100)
+    folder = str(model_and_images[1])  # a folder has no classes to select from
+    with pytest.raises(ValueError, match="none: no category column"):
+        predict.prepare(str(checkpoint), folder, None, ["data.categories=[nut]"], None, 100)
 
 
 def test_s3_input_and_output_resume(model_and_images, ray_session, moto_s3):
@@ -204,3 +266,22 @@ def test_decisions_per_row_class_with_nulls_for_unscored_rows():
     assert decided["normalised_score"][:2] == pytest.approx([1.5, 0.6]) and decided["normalised_score"][2] is None
     without = add_decisions(rows, None).to_pydict()  # official weights: no threshold, no verdict
     assert without["class"] == [None] * 4 and without["is_anomalous"] == [None] * 4
+
+
+@pytest.mark.parametrize("name", ["predict", "calibrate", "export"])
+def test_help_examples_paste_and_output_is_marked_required(name, capsys):
+    """Each example command in --help runs when pasted: a line continued on the next ends with a backslash."""
+    import importlib
+
+    with pytest.raises(SystemExit):
+        importlib.import_module(name).build_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    examples = [i for i, line in enumerate(lines) if line.startswith("    python pipelines/")]
+    assert examples
+    for i in examples:
+        while lines[i + 1].startswith("        "):  # a continuation line
+            assert lines[i].endswith(" \\"), f"{lines[i]!r} lacks its trailing backslash"
+            i += 1
+    output_help = text[text.index("  --output DIR"):].split("\n  --", 1)[0]
+    assert "required" in output_help

@@ -8,6 +8,7 @@ between the traced graph and the model (a wrong op, a weight changed after traci
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 import uuid
@@ -101,8 +102,9 @@ def preprocessing(config: Config) -> dict[str, Any]:
 def check_output(output: Path) -> None:
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise ValueError(f"--output {output} exists and is not an empty folder; choose a new folder or remove it")
-    if not output.parent.is_dir():
-        raise FileNotFoundError(f"the parent folder of --output {output} does not exist; create it first")
+    existing = next(p for p in output.parents if p.exists())  # missing parents are created when writing
+    if not existing.is_dir():
+        raise ValueError(f"--output {output} lies under {existing}, which is a file; choose another --output")
 
 
 def _convert_openvino(onnx_path: Path) -> Path:
@@ -130,6 +132,8 @@ def export_checked(model: Dinomaly, config: Config, fmt: str, output: str | Path
     crop = config.model.crop_size
     if pixels.ndim != 4 or pixels.shape[1:] != (crop, crop, 3) or pixels.dtype != np.uint8 or not len(pixels):
         raise ValueError(f"check images must be uint8 [N, {crop}, {crop}, 3], got {pixels.dtype} {pixels.shape}")
+    created = [p for p in output.parents if not p.exists()]  # removed again when the export is refused
+    output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
@@ -150,6 +154,10 @@ def export_checked(model: Dinomaly, config: Config, fmt: str, output: str | Path
         if output.exists():
             output.rmdir()  # empty, checked above
         staging.rename(output)
+        created = []
         return output / artefact.name, agreement
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        for folder in created:  # deepest first; one that something else wrote into stays
+            with contextlib.suppress(OSError):
+                folder.rmdir()

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from dinomaly.calibration import ClassThreshold, ThresholdTable
 from dinomaly.config import Config
+from dinomaly.config.cli import set_keys
 from dinomaly.data.records import is_image
 from dinomaly.data.storage import StorageOptions, filesystem_for, list_files, split_uri
 from dinomaly.distributed.batch.scoring import ModelBundle, ScoreSpec, decision_columns, score_rows
@@ -340,20 +341,30 @@ def prepare(model: str, input_uri: str, preset: str | None, overrides: list[str]
     if rows_per_file < 1:
         raise ValueError(f"--rows-per-file {rows_per_file} must be at least 1")
     bundle = load_bundle(model, preset, overrides)
-    try:
-        table = resolve_thresholds(threshold, bundle.config.serve.threshold_method, bundle.metadata, bundle.tags)
-    except ValueError as err:
-        raise ValueError(f"{err} (pass --threshold)") from err
+    if threshold is not None:  # typed by the user: it decides every row, the model's class table set aside
+        table = ThresholdTable(ClassThreshold(float(threshold), "--threshold"))
+    else:
+        try:
+            table = resolve_thresholds(None, bundle.config.serve.threshold_method, bundle.metadata, bundle.tags)
+        except ValueError as err:
+            raise ValueError(f"{err} (pass --threshold)") from err
+    inputs = list_inputs(input_uri, bundle.config)
     classes = list_classes(input_uri, bundle.config)
+    if "data.categories" in set_keys(overrides) and (wanted := bundle.config.data.categories):
+        found = sorted({c for c in classes.values() if c is not None})  # a folder has no classes
+        if missing := [c for c in wanted if c not in found]:
+            raise ValueError(f"data.categories {missing} are not in {input_uri} (its classes: "
+                             f"{found or 'none: no category column'}); name classes it has, or drop data.categories")
+        inputs = [uri for uri in inputs if classes.get(uri) in wanted]
+        classes = {uri: classes[uri] for uri in inputs}
     unknown = sorted({c for c in classes.values() if c is not None} - set(table.classes))
-    if unknown:
+    if unknown and threshold is None:
         logger.warning("classes %s have no threshold of their own in this model (it knows %s); their images are "
                        "decided by the global threshold", unknown, sorted(table.classes) or "none")
-    shards = list_shards(input_uri, bundle.config)
-    if shards:
+    if shards := list_shards(input_uri, bundle.config):
         logger.info("%s is packed: its images are read from its %d shards", input_uri,
                     len({shard for shard, _ in shards.values()}))
-    return PredictJob(bundle, table, list_inputs(input_uri, bundle.config), classes, shards)
+    return PredictJob(bundle, table, inputs, classes, shards)
 
 
 def run(job: PredictJob, output_uri: str, *, heatmaps: bool = False, overwrite: bool = False,
@@ -381,6 +392,5 @@ def run(job: PredictJob, output_uri: str, *, heatmaps: bool = False, overwrite: 
     print(f"{summary.inputs} images: {summary.skipped} already scored, {summary.scored} scored and {summary.errors} "
           f"unreadable now ({summary.images_per_s:.1f} images/s); global threshold {used.threshold:.6g} "
           f"({used.source}), {len(job.thresholds.classes)} class thresholds; output {summary.output}: "
-          f"{summary.total_rows} rows, {summary.total_errors} "
-          f"unreadable, anomaly rate {rate}")
+          f"{summary.total_rows} rows, {summary.total_errors} unreadable, anomaly rate {rate}")
     return summary
