@@ -172,6 +172,18 @@ def test_categories_select_manifest_rows(calibrated, model_and_images):
         predict.prepare(str(checkpoint), folder, None, ["data.categories=[nut]"], None, 100)
 
 
+def test_a_missing_or_imageless_folder_is_named(model_and_images, tmp_path):
+    from dinomaly.distributed.batch import predict
+
+    checkpoint = str(model_and_images[0])
+    with pytest.raises(FileNotFoundError, match="nowhere does not exist or holds no files"):
+        predict.prepare(checkpoint, str(tmp_path / "nowhere"), None, [], None, 100)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("no images here")
+    with pytest.raises(FileNotFoundError, match=r"no image files under .*notes \(1 files, none with an image ext"):
+        predict.prepare(checkpoint, str(tmp_path / "notes"), None, [], None, 100)
+
+
 def test_s3_input_and_output_resume(model_and_images, ray_session, moto_s3):
     checkpoint, images, threshold = model_and_images
     source = moto_s3.upload(images, "predict-in")

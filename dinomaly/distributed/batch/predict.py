@@ -104,8 +104,11 @@ def list_inputs(input_uri: str, config: Config) -> list[str]:
     if len(images) < len(files):
         logger.info("%d files under %s are not images by extension and are not scored", len(files) - len(images),
                     input_uri)
+    if not files:
+        raise FileNotFoundError(f"{input_uri} does not exist or holds no files; check the path (or pass a manifest)")
     if not images:
-        raise FileNotFoundError(f"no image files under {input_uri}; check the path (or pass a manifest)")
+        raise FileNotFoundError(f"no image files under {input_uri} ({len(files)} files, none with an image extension); "
+                                "check the path (or pass a manifest)")
     return images
 
 
