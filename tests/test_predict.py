@@ -70,9 +70,9 @@ def test_local_one_row_per_image_resume_and_overwrite(model_and_images, ray_sess
 
     # another threshold is another run: refused without --overwrite, replaced with it
     assert predict_cli.main(["--model", str(checkpoint), "--data", str(folder), "--output", str(output),
-                             "--threshold", "1e9"]) == 2
+                             "--threshold", "2"]) == 2
     assert predict_cli.main(["--model", str(checkpoint), "--data", str(folder), "--output", str(output),
-                             "--threshold", "1e9", "--overwrite"]) == 0
+                             "--threshold", "2", "--overwrite"]) == 0
     rows = read_results(str(output))
     assert len(rows) == 7 and not any(r["is_anomalous"] for r in rows)
     assert not (output / "heatmaps").exists()
