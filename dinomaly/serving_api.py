@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from dinomaly.calibration import ClassThreshold, ThresholdTable, stored_table
-from dinomaly.config import Config, DinomalyConfig, ServeConfig, to_dict
+from dinomaly.config import MAX_SCORE, Config, DinomalyConfig, ServeConfig, to_dict
 from dinomaly.data.transforms import (
     CorruptImageError,
     ImageTooLargeError,
@@ -164,9 +164,9 @@ def resolve_thresholds(override: float | None, method: str, metadata: Mapping[st
 def _positive(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise RequestError(422, f"{where}={value!r} must be a finite number > 0")
-    if value > 2:  # scores are cosine distances (1 - cosine similarity), so never above 2
-        raise RequestError(422, f"{where}={value!r} must be <= 2: anomaly scores are cosine distances, in [0, 2], "
-                                "so a higher threshold never flags anything")
+    if value > MAX_SCORE:
+        raise RequestError(422, f"{where}={value!r} must be <= {MAX_SCORE:g}: anomaly scores are cosine distances, "
+                                f"in [0, {MAX_SCORE:g}], so a higher threshold never flags anything")
     return float(value)
 
 

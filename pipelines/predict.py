@@ -29,10 +29,13 @@ from dinomaly.config.cli import ACTOR_HELP, actor_settings, entry_parser, start_
 
 
 def score_threshold(text: str) -> float:
-    """An image-score threshold: scores are cosine distances, in [0, 2]."""
+    """An image-score threshold: scores are cosine distances, in [0, MAX_SCORE]."""
+    from dinomaly.config import MAX_SCORE
+
     value = float(text)
-    if not (math.isfinite(value) and 0 < value <= 2):
-        raise argparse.ArgumentTypeError(f"{text} must be in (0, 2]: anomaly scores are cosine distances, in [0, 2]")
+    if not (math.isfinite(value) and 0 < value <= MAX_SCORE):
+        raise argparse.ArgumentTypeError(f"{text} must be in (0, {MAX_SCORE:g}]: anomaly scores are cosine "
+                                         f"distances, in [0, {MAX_SCORE:g}]")
     return value
 
 

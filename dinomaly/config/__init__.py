@@ -5,7 +5,14 @@
     loader.py     presets, overrides, type checks, flatten, --help text
 """
 
-from dinomaly.config.jobs import DEFAULT_SEARCH_SPACE, ClusterConfig, Config, ServeConfig, TuneConfig
+from dinomaly.config.jobs import (
+    DEFAULT_SEARCH_SPACE,
+    MAX_SCORE,
+    ClusterConfig,
+    Config,
+    ServeConfig,
+    TuneConfig,
+)
 from dinomaly.config.loader import (
     CONFIG_DIR,
     apply_overrides,
@@ -29,8 +36,8 @@ from dinomaly.config.sections import (
 )
 
 __all__ = [
-    "CONFIG_DIR", "DEFAULT_SEARCH_SPACE", "REFERENCE_TARGET_LAYERS", "ClusterConfig", "Config", "DataConfig",
-    "DinomalyConfig", "EvalConfig", "ServeConfig", "TrackingConfig", "TrainConfig", "TuneConfig", "apply_overrides",
+    "CONFIG_DIR", "DEFAULT_SEARCH_SPACE", "MAX_SCORE", "REFERENCE_TARGET_LAYERS", "ClusterConfig", "Config",
+    "DataConfig", "DinomalyConfig", "EvalConfig", "ServeConfig", "TrackingConfig", "TrainConfig", "TuneConfig", "apply_overrides",
     "describe", "doc", "flatten", "from_dict", "help_text", "load_config", "parse_override", "read_float_text",
     "to_dict",
 ]

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from dinomaly.config.sections import DataConfig, DinomalyConfig, EvalConfig, TrackingConfig, TrainConfig, doc
 
+MAX_SCORE = 2.0  # anomaly scores are cosine distances (1 - cosine similarity), so a threshold above never flags
+
 
 @dataclass(kw_only=True)
 class ServeConfig:
@@ -65,9 +67,9 @@ class ServeConfig:
                              f"{self.max_batch_size}; a batch could never fill, raise max_ongoing_requests")
         if self.num_cpus <= 0 or self.num_gpus < 0:
             raise ValueError(f"serve.num_cpus={self.num_cpus} must be > 0 and serve.num_gpus={self.num_gpus} >= 0")
-        if self.threshold is not None and not (math.isfinite(self.threshold) and 0 < self.threshold <= 2):
-            raise ValueError(f"serve.threshold={self.threshold} must be in (0, 2] or null: anomaly scores are cosine "
-                             "distances, in [0, 2]")
+        if self.threshold is not None and not (math.isfinite(self.threshold) and 0 < self.threshold <= MAX_SCORE):
+            raise ValueError(f"serve.threshold={self.threshold} must be in (0, {MAX_SCORE:g}] or null: anomaly scores "
+                             f"are cosine distances, in [0, {MAX_SCORE:g}]")
         if not self.route_prefix.startswith("/"):
             raise ValueError(f"serve.route_prefix={self.route_prefix!r} must start with '/', e.g. '/' or '/dinomaly'")
 
