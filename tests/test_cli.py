@@ -127,6 +127,16 @@ def test_a_bad_flag_is_one_line_and_exit_2(capsys):
     assert capsys.readouterr().err.startswith("error: --data is required")
 
 
+def test_the_usage_line_shows_required_flags_without_brackets():
+    parser = load_pipeline("predict").build_parser()
+    usage = " ".join(parser.format_usage().split())
+    for flag in ("--data URI", "--output DIR", "--model MODEL"):
+        assert flag in usage and f"[{flag}]" not in usage
+    assert "[--threshold T]" in usage
+    # marked only while the text is written: the deprecated spelling may still fill --data
+    assert parser.parse_args(["--input", "d", "--output", "o", "--model", "m"]).data == "d"
+
+
 def missing_mask_dataset(root: Path) -> Path:
     from fixtures_data import make_mvtec
 

@@ -63,6 +63,24 @@ class EntryParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         self.required_flags = tuple(required)
 
+    def format_usage(self) -> str:
+        return self._with_required_shown(super().format_usage)
+
+    def format_help(self) -> str:
+        return self._with_required_shown(super().format_help)
+
+    def _with_required_shown(self, format_text: Any) -> str:
+        # parse_args checks the required flags itself (a deprecated spelling may fill one, which argparse's own
+        # check would miss), so they are marked required only while the usage line is written: no [brackets]
+        shown = [action for action in self._actions if action.dest in self.required_flags and action.option_strings]
+        for action in shown:
+            action.required = True
+        try:
+            return format_text()
+        finally:
+            for action in shown:
+                action.required = False
+
     def error(self, message: str) -> None:  # type: ignore[override]
         print(f"error: {message}; see {self.prog} --help", file=sys.stderr)
         sys.exit(2)
