@@ -6,7 +6,8 @@
 
 For a new camera, new lighting, or a preset trained on its whole training set (calibration_share 0). Only the
 manifest's normal rows (label 0, any split) are scored, with the batch-scoring actors (eval.actors, --workers);
-defective rows are left out and counted. Each class needs at least 8 normal images. Per class, the threshold is
+defective rows are left out and counted, and so are the images the model was trained on (found from its saved
+data config, when readable here). Each class needs at least 8 normal images. Per class, the threshold is
 the lowest score cut at which at most --target-fpr of its normal images are called anomalous (score >=
 threshold), with a bootstrap interval; the global threshold pools all classes. Classes the new images do not
 cover keep their previous thresholds.

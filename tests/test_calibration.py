@@ -245,6 +245,41 @@ def test_calibrate_refuses_a_class_with_too_few_normal_images_before_ray(trained
     assert rc == 2 and err.count("\n") == 0 and "fewer than 8 normal images: {'nut': 7}" in err
 
 
+def test_calibration_leaves_out_the_images_the_model_was_trained_on(trained, monkeypatch):
+    """The train split of the model's own data, less the rows training held back, is left out, whatever the
+    spelling of the folder (manifests hold absolute paths); the held-back rows and the test split's normals stay."""
+    from dinomaly.config import apply_overrides
+    from dinomaly.distributed.batch.calibrate import normal_rows, trained_uris
+
+    root, _, config, _ = trained
+    saved = apply_overrides(config, {"data.root": str(root), "train.calibration_share": 0.25,
+                                     "train.calibration_min_images": 2})
+    uris = trained_uris(saved)
+    assert len(uris) == 12 and all("/train/good/" in uri for uri in uris)  # 8 a class, 2 held back
+    monkeypatch.chdir(root.parent)
+    rows, defective, skipped = normal_rows(apply_overrides(config, {"data.root": root.name}), 2, uris)
+    assert (rows.num_rows, defective, skipped) == (8, 2, 12)
+    assert not set(rows.column("uri").to_pylist()) & uris
+    assert trained_uris(apply_overrides(saved, {"data.root": str(root / "gone")})) == set()
+    assert trained_uris(None) == set()
+
+
+def test_calibrate_on_the_training_images_says_why_a_class_is_short(trained, tmp_path, capsys, caplog, monkeypatch):
+    from dinomaly import Dinomaly
+    from dinomaly.checkpoint import save
+    from dinomaly.config import apply_overrides
+
+    root, _, config, _ = trained
+    saved = apply_overrides(config, {"data.root": str(root), "train.calibration_share": 0.0})
+    checkpoint = save(tmp_path / "checkpoint", Dinomaly(saved.model), saved)
+    monkeypatch.setattr("dinomaly.distributed.cluster.ensure_ray", lambda: pytest.fail("Ray started"))
+    rc = calibrate_cli().main(["--model", str(checkpoint), "--data", str(root), "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and "16 of the 20 normal images trained this model" in caplog.text
+    assert "fewer than 8 normal images: {'nut': 2, 'pill': 2} (left out as training images of this model: " \
+           "{'nut': 8, 'pill': 8})" in err
+
+
 def test_calibrate_writes_a_new_version_with_thresholds_from_normal_images_only(trained, ray_session, mlflow_uri,
                                                                                 tmp_path, capsys):
     """Registered model -> calibrate.py on new normal images -> a checkpoint folder with the same weights and

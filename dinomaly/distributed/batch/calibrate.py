@@ -6,6 +6,9 @@
       --> for a registry model, a new version of it tagged with the table
 
 Only normal (label 0) rows are used: defective rows, if the manifest has any, are left out and counted.
+So are the images the model was trained on, when its own training data can be read here (the train split
+of its saved data config, less the rows training held back for calibration): it reconstructs them better
+than new parts, so thresholds set on their scores would flag more new good parts than the target FPR.
 Classes of the model that the new images do not cover keep their previous thresholds.
 """
 
@@ -15,6 +18,7 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,9 +27,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dinomaly.calibration import METADATA_KEY, MIN_IMAGES, ThresholdTable, build_table, stored_table
+from dinomaly.calibration import (
+    METADATA_KEY,
+    MIN_IMAGES,
+    ThresholdTable,
+    build_table,
+    holdout_indices,
+    stored_table,
+)
 from dinomaly.config import Config, TrackingConfig, load_config
-from dinomaly.data.manifest import load_manifest
+from dinomaly.data.manifest import load_manifest, select
 from dinomaly.distributed.batch.scoring import ModelBundle, ScoreSpec, build_model, score_rows
 from dinomaly.results import json_safe
 from dinomaly.tables import format_threshold_table
@@ -45,23 +56,53 @@ class CalibrationJob:
     data: str
     registry: TrackingConfig | None  # the registry the model came from (a new version goes there), else None
     skipped_defective: int = 0
+    skipped_trained: int = 0  # normal rows left out because the model was trained on them
 
 
-def normal_rows(config: Config, min_images: int = MIN_IMAGES) -> tuple[pa.Table, int]:
-    """(uri + category of every label-0 row of config.data, the number of label-1 rows left out).
+def trained_uris(saved: Config | None) -> set[str]:
+    """The image URIs the model was trained on: the train split of its saved data config, less the rows that
+    training held back for calibration (drawn again exactly as training drew them). Empty when that data
+    cannot be read here (another machine's folder, a bucket out of reach): nothing is then left out."""
+    if saved is None or not saved.data.root:
+        return set()
+    try:
+        train_rows = select(load_manifest(saved.data), split="train")
+    except (OSError, ValueError) as err:
+        logger.info("the model's training data %s cannot be read here (%s): its images are not left out",
+                    saved.data.root, err)
+        return set()
+    tc = saved.train
+    keep, _, _ = holdout_indices(train_rows.column("category").to_pylist(), train_rows.column("label").to_numpy(),
+                                 tc.calibration_share, tc.calibration_min_images, tc.seed)
+    return set(train_rows.column("image_uri").take(keep).to_pylist())  # absolute paths or URIs, as every manifest
+
+
+def normal_rows(config: Config, min_images: int = MIN_IMAGES, trained: AbstractSet[str] = frozenset()
+                ) -> tuple[pa.Table, int, int]:
+    """(uri + category of every label-0 row of config.data that is not in `trained`, the number of label-1
+    rows left out, the number of trained-on rows left out).
 
     A class with fewer than min_images normal images is refused: its threshold would be noise."""
     manifest = load_manifest(config.data)
     normal = manifest.filter(pc.equal(manifest.column("label"), 0))
     if normal.num_rows == 0:
         raise ValueError(f"{config.data.root} has no normal (label 0) images; calibration needs normal images only")
-    counts = Counter(normal.column("category").to_pylist())
-    few = {name: n for name, n in sorted(counts.items()) if n < min_images}
+    seen = [uri in trained for uri in normal.column("image_uri").to_pylist()]
+    fresh = normal.filter(pa.array([not s for s in seen], pa.bool_()))
+    if sum(seen):
+        logger.warning("%d of the %d normal images trained this model (its training data's train split): left out, "
+                       "since its scores on them run low and thresholds set on them would flag more new good "
+                       "parts than the target FPR", sum(seen), normal.num_rows)
+    counts = Counter(fresh.column("category").to_pylist())
+    trained_counts = Counter(c for c, s in zip(normal.column("category").to_pylist(), seen) if s)
+    few = {name: counts.get(name, 0) for name in sorted({*counts, *trained_counts}) if counts.get(name, 0) < min_images}
     if few:
-        raise ValueError(f"classes with fewer than {min_images} normal images: {few}; add images or leave them out "
-                         f"with --set data.categories=[...]")
-    rows = pa.table({"uri": normal.column("image_uri"), "category": normal.column("category")})
-    return rows, manifest.num_rows - normal.num_rows
+        told = {name: trained_counts[name] for name in few if trained_counts[name]}
+        raise ValueError(f"classes with fewer than {min_images} normal images: {few}"
+                         + (f" (left out as training images of this model: {told})" if told else "")
+                         + "; add images or leave them out with --set data.categories=[...]")
+    rows = pa.table({"uri": fresh.column("image_uri"), "category": fresh.column("category")})
+    return rows, manifest.num_rows - normal.num_rows, sum(seen)
 
 
 def prepare(model: str, data: str, preset: str | None, overrides: list[str],
@@ -76,9 +117,9 @@ def prepare(model: str, data: str, preset: str | None, overrides: list[str],
     if bundle.version == "official":
         raise ValueError("official weights carry no config of ours to store a threshold table with; train or "
                          "import them first (pipelines/train.py --init-from ...), then calibrate that checkpoint")
-    rows, defective = normal_rows(bundle.config)
+    rows, defective, trained = normal_rows(bundle.config, trained=trained_uris(bundle.saved_config))
     registry = load_config(preset, overrides).tracking if model.startswith("models:/") else None
-    return CalibrationJob(bundle, rows, bundle.config.eval.target_fpr, data, registry, defective)
+    return CalibrationJob(bundle, rows, bundle.config.eval.target_fpr, data, registry, defective, trained)
 
 
 def score_normals(bundle_ref, config: Config, rows: pa.Table) -> tuple[dict[str, np.ndarray], list[dict]]:
@@ -153,7 +194,8 @@ def run(job: CalibrationJob, output: str | Path) -> dict[str, Any]:
     write_version(bundle, table, output, job.data)
     version = register(job, table, output) if job.registry is not None and job.registry.enabled else None
     print(format_threshold_table(table, previous))
+    trained = f", {job.skipped_trained} images this model was trained on" if job.skipped_trained else ""
     print(f"{sum(map(len, scores.values()))} normal images scored ({len(unreadable)} unreadable, "
-          f"{job.skipped_defective} defective rows left out); new model version in {output}"
+          f"{job.skipped_defective} defective rows{trained} left out); new model version in {output}"
           + (f", registered as {bundle.name} version {version}" if version else ""))
     return {"table": table, "unreadable": unreadable, "output": output, "version": version}

@@ -57,6 +57,7 @@ class ModelBundle:
     metadata: dict[str, Any] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     exported: dict[str, bytes] = field(default_factory=dict)  # an exported model's files (then no state_dict)
+    saved_config: Config | None = None  # the config the model was trained with (None: official weights)
 
     def thresholds(self) -> ThresholdTable | None:
         """The model's thresholds as the service finds them (per-class table, else the single threshold;
@@ -122,7 +123,7 @@ def load_bundle(model: str, preset: str | None = None, overrides: list[str] | No
     config = apply_overrides(config, overrides) if overrides else config
     return ModelBundle(config=config, state_dict=loaded.model.state_dict(), source=resolved.source,
                        name=resolved.name or saved.name, version=resolved.version or "local",
-                       metadata=loaded.metadata, tags=resolved.tags)
+                       metadata=loaded.metadata, tags=resolved.tags, saved_config=saved)
 
 
 def _exported_bundle(model: str, preset: str | None, overrides: list[str]) -> ModelBundle:
@@ -136,7 +137,7 @@ def _exported_bundle(model: str, preset: str | None, overrides: list[str]) -> Mo
     info = values.get("model", {})
     return ModelBundle(config=config, state_dict={}, source=str(model), name=info.get("name") or saved.name,
                        version=info.get("version") or "exported", metadata=values.get("metadata", {}),
-                       tags=info.get("tags", {}), exported=exported_files(model))
+                       tags=info.get("tags", {}), exported=exported_files(model), saved_config=saved)
 
 
 def build_model(model_config: DinomalyConfig, state_dict: dict[str, torch.Tensor], device: str):
