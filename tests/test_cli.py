@@ -229,6 +229,23 @@ def test_train_output_starts_a_fresh_run_even_when_the_name_is_taken(train_entry
     assert calls[-1][0].output_root == str(tmp_path / "store")
 
 
+def test_ray_environment_quiets_one_ray_warning_and_keeps_the_users_filters(monkeypatch):
+    from dinomaly.distributed.cluster import RAY_OWN_WARNING, set_ray_environment
+
+    monkeypatch.setenv("PYTHONWARNINGS", "error::ResourceWarning")
+    set_ray_environment()
+    set_ray_environment()
+    import os
+
+    assert os.environ["PYTHONWARNINGS"] == f"error::ResourceWarning,{RAY_OWN_WARNING}"
+    code = ("import warnings\n"
+            "warnings.warn('`ExecutionOptions.exclude_resources` is deprecated and will be removed', "
+            "DeprecationWarning)\n"
+            "warnings.warn('another deprecation', DeprecationWarning)\n")
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    assert "another deprecation" in shown and "exclude_resources" not in shown
+
+
 def test_in_ray_job_detects_the_package_folder(monkeypatch):
     from dinomaly.distributed.cluster import in_ray_job
 

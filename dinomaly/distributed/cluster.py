@@ -4,7 +4,10 @@ Ray reads these variables when it starts, so they are set (as defaults a user ca
 module of the Ray layer imports Ray:
 - RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes a local Ray on Linux use 127.0.0.1 for its node address, so every
   socket it opens listens on loopback only (without it Ray binds the machine's external interface);
-- RAY_TRAIN_ENABLE_PRINT_PATCH=0 stops Ray Train from printing every worker `print` twice on the driver.
+- RAY_TRAIN_ENABLE_PRINT_PATCH=0 stops Ray Train from printing every worker `print` twice on the driver;
+- PYTHONWARNINGS gains a filter for one deprecation warning that Ray Train 2.60 raises in its own
+  DatasetManager actor on every run (it reads `ExecutionOptions.exclude_resources` itself); the processes of
+  a Ray that this process starts inherit it.
 
 Under `ray job submit --working-dir`, the job's working folder is Ray's unpacked package
 (<Ray temp dir>/session_*/runtime_resources/working_dir_files/_ray_pkg_*), deleted with the session; a
@@ -19,11 +22,15 @@ from pathlib import Path
 from typing import Any
 
 RAY_ENVIRONMENT = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+RAY_OWN_WARNING = "ignore:`ExecutionOptions.exclude_resources` is deprecated"  # a PYTHONWARNINGS entry
 
 
 def set_ray_environment() -> None:
     for key, value in RAY_ENVIRONMENT.items():
         os.environ.setdefault(key, value)
+    filters = [entry for entry in os.environ.get("PYTHONWARNINGS", "").split(",") if entry]
+    if RAY_OWN_WARNING not in filters:
+        os.environ["PYTHONWARNINGS"] = ",".join([*filters, RAY_OWN_WARNING])
 
 
 def attaching_to_cluster() -> bool:
