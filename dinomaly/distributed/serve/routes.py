@@ -1,8 +1,8 @@
 """The scoring service's HTTP routes, as a plain FastAPI app over a loaded `ScoringService`.
 
 `create_api(service, score, publish)` is the whole API: `dinomaly.distributed.serve.app` supplies the batched
-model call (`score`) and the way a threshold update reaches every replica (`publish`), and serves it with
-Ray Serve; without them it answers on its own (tests, one process).
+model call (`score`) and the way a threshold update reaches every replica (`publish`; left out, an update
+reaches this service only), and serves it with Ray Serve.
 """
 
 from __future__ import annotations
@@ -44,9 +44,10 @@ from dinomaly.serving_api import (
 DIRECT_PORTS = (int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "30000")),
                 int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", "31000")))
 
-
 ScoreFn = Callable[[np.ndarray], Awaitable[tuple[float, np.ndarray]]]
 PublishFn = Callable[[dict[str, Any], Request], Awaitable[None]]  # a checked threshold update -> every replica
+
+
 async def _apply_locally(service: ScoringService, update: dict[str, Any], _: Request) -> None:
     service.set_threshold_update(update)
 
