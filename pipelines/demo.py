@@ -28,7 +28,8 @@ def build_parser():
                           keys=False, help={"data": "folder where the demo images and manifest are generated "
                                                     "(default demo_data)",
                                             "workers": "Ray Train workers = DDP ranks (default 2)"})
-    parser.add_argument("--steps", type=int, help="optimiser steps (default: configs/demo.yaml)")
+    parser.add_argument("--steps", type=int, help="optimiser steps (default: configs/demo.yaml's 300); the warm-up "
+                                                  "keeps its share of them")
     return parser
 
 
@@ -50,11 +51,13 @@ def demo(args) -> int:
     from dinomaly.distributed.train.progress import data_wait, data_wait_line
 
     check_job_storage({"--data": args.data, "runs/": "runs"}, "")
-    root = generate_demo_dataset(args.data)
-    overrides = {"data.root": str(root), "data.layout": "mvtec", "train.num_workers": args.workers}
-    if args.steps:
+    overrides = {"data.root": str(Path(args.data).resolve()), "data.layout": "mvtec", "train.num_workers": args.workers}
+    if args.steps is not None:
+        preset = load_config("demo").train  # the warm-up keeps its share of the run
         overrides["train.total_steps"] = args.steps
-    config = load_config("demo", overrides)
+        overrides["train.warmup_steps"] = min(args.steps - 1, args.steps * preset.warmup_steps // preset.total_steps)
+    config = load_config("demo", overrides)  # a bad value fails here, before any data is written
+    root = generate_demo_dataset(args.data)
     manifest = build_manifest(records_from_config(config.data))
     manifest_uri = write_manifest(manifest, str(Path(args.data) / "manifest.parquet"))
     print(f"demo data in {root}, manifest {manifest_uri}:\n{format_counts(manifest)}\n")

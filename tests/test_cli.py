@@ -273,3 +273,25 @@ def test_a_job_refuses_storage_in_its_temporary_folder(train_entry, demo_root, t
     assert train.main([*base, "--output", str(tmp_path / "out")]) == 0
     config, output = calls[-1]
     assert Path(output).is_absolute() and Path(config.output_root).is_absolute()
+
+
+def test_demo_steps_keep_the_warmup_share_and_bad_values_write_nothing(tmp_path, monkeypatch):
+    demo = load_pipeline("demo")
+    seen = {}
+
+    class Launched(Exception):
+        pass
+
+    def launch(config, output):
+        seen["train"] = config.train
+        raise Launched
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("dinomaly.distributed.train.run.check_before_start", lambda config: None)
+    monkeypatch.setattr("dinomaly.distributed.train.run.run", launch)
+    with pytest.raises(Launched):
+        demo.demo(demo.build_parser().parse_args(["--steps", "20", "--data", "short"]))
+    assert (seen["train"].total_steps, seen["train"].warmup_steps) == (20, 1)  # the preset's 20 of 300
+    with pytest.raises(ValueError, match="train.total_steps=0 must be at least 1"):
+        demo.demo(demo.build_parser().parse_args(["--steps", "0", "--data", "none"]))
+    assert not (tmp_path / "none").exists()

@@ -178,7 +178,8 @@ class TrainConfig:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be at least 1")
         if self.warmup_steps < 0 or self.warmup_steps >= self.total_steps:
             raise ValueError(f"train.warmup_steps={self.warmup_steps} must be in [0, train.total_steps="
-                             f"{self.total_steps})")
+                             f"{self.total_steps}); lower it (--set train.warmup_steps=N, N < {self.total_steps}) or train "
+                             "for more steps")
         if self.batch_size % self.num_workers:
             raise ValueError(f"train.batch_size={self.batch_size} is not divisible by train.num_workers="
                              f"{self.num_workers}; choose a batch that splits evenly across workers")
