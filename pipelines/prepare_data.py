@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
 from dinomaly.config import apply_overrides, load_config
 from dinomaly.config.cli import entry_parser, start_logging
 from dinomaly.data.layouts import LAYOUTS
 from dinomaly.data.manifest import format_counts, load_manifest, read_manifest, write_manifest
-from dinomaly.data.pack import DEFAULT_SHARD_BYTES, pack_manifest, packed_layout, verify_manifest
+from dinomaly.data.pack import DEFAULT_SHARD_BYTES, MAX_LISTED, pack_manifest, packed_layout, verify_manifest
 from dinomaly.data.storage import upload_tree
+
+INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
+SHOWN_BAD = 20  # bad rows printed; the rest are counted
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shard-mb", type=int, default=DEFAULT_SHARD_BYTES // 2**20,
                         help="shard size in MB for --pack (default: %(default)s)")
     parser.add_argument("--verify", action="store_true",
-                        help="only check that every image decodes and every mask has its image's size; "
-                             "exit 2 listing the bad rows")
+                        help="only check that every image decodes and every mask has its image's size (a packed "
+                             "manifest: the bytes in its shards); exit 2 listing the bad rows")
     return parser
 
 
@@ -60,8 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     from dinomaly.distributed.entry import run_job
 
     def check():
+        if args.verify and args.pack:
+            raise ValueError("--verify and --pack do not combine: --pack checks every row as it packs; drop --verify")
         if not args.output and not args.verify:
             raise ValueError("--output is required (except with --verify)")
+        if args.shard_mb < 1:
+            raise ValueError(f"--shard-mb {args.shard_mb} must be a positive number of MB "
+                             f"(default {DEFAULT_SHARD_BYTES // 2**20})")
         if args.output:
             check_job_storage({"--output": args.output})
         categories = [c.strip() for c in args.categories.split(",") if c.strip()]
@@ -74,16 +83,16 @@ def main(argv: list[str] | None = None) -> int:
         table = load_manifest(config.data)
         if args.verify:
             bad = verify_manifest(table, config.data, strict=config.data.strict)
-            for image, reason in bad:
-                print(f"bad: {image}: {reason}")
+            print_bad("bad", bad, len(bad))
             print(f"verified {table.num_rows} images: {len(bad)} bad")
             return 2 if bad else 0
         if args.pack:
             uri = pack_manifest(table, args.output, args.shard_mb * 2**20, config.data, strict=config.data.strict)
             table = read_manifest(uri, data_config=config.data)
             layout = packed_layout(table)
-            for image, reason in layout["bad_files"]:
-                print(f"bad (not packed): {image}: {reason}")
+            listed = "all" if layout["bad_count"] <= MAX_LISTED else f"the first {MAX_LISTED}"
+            print_bad("bad (not packed)", layout["bad_files"], layout["bad_count"],
+                      f"; {listed} under bad_files in the `dinomaly_packed` Parquet metadata of {uri}")
             print(f"{len(layout['shards'])} shards, {layout['bad_count']} bad images left out")
         else:
             uri = write_manifest(table, args.output, data_config=config.data)
@@ -91,7 +100,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"manifest of {table.num_rows} images written to {uri}")
         return 0
 
-    return run_job(check, run, debug=args.debug)
+    try:
+        return run_job(check, run, debug=args.debug)
+    except KeyboardInterrupt:
+        if args.debug:
+            traceback.print_exc()
+        resume = (f"; run the same command again to resume the pack (finished shards under {args.output} are kept)"
+                  if args.pack else "")
+        print(f"interrupted{resume}", file=sys.stderr)
+        return INTERRUPTED
+
+
+def print_bad(label: str, bad: list, count: int, where: str = "") -> None:
+    """The first SHOWN_BAD bad rows, one line each, and how many more there are (and where they are listed)."""
+    for image, reason in bad[:SHOWN_BAD]:
+        print(f"{label}: {image}: {reason}")
+    if count > SHOWN_BAD:
+        print(f"... and {count - SHOWN_BAD} more{where}")
 
 
 if __name__ == "__main__":

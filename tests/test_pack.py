@@ -1,6 +1,7 @@
 """Packed manifests: shards balanced by class and view, resumable packing, verification of every row (bad images
 listed, masks of another size refused naming both files), corrupt shard rows counted or strict, packed rows
-reading as the files they came from (locally, from S3 and through the Ray Data training stream)."""
+reading as the files they came from (locally, from S3 and through the Ray Data training stream); prepare_data's
+--verify of a packed manifest reading its shards, Ctrl-C, refused flags, bad rows listed once, old shards named."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from fixtures_data import make_mvtec, make_realiad, write_image, write_mask
 from dinomaly.config import Config, DataConfig, DinomalyConfig, apply_overrides
 from dinomaly.data import pack
 from dinomaly.data.dataset import ManifestDataset, iterate_batches
-from dinomaly.data.manifest import MANIFEST_SCHEMA, is_packed, load_manifest, read_manifest
+from dinomaly.data.manifest import MANIFEST_SCHEMA, is_packed, load_manifest, read_manifest, select
 from dinomaly.data.pack import pack_manifest, packed_layout, plan_shards, verify_manifest
 from dinomaly.data.reader import RowReader
 from dinomaly.data.transforms import CorruptImageError, MaskSizeError, normalize
@@ -166,16 +167,21 @@ def test_a_mask_of_another_size_is_an_error_naming_both_files(tmp_path):
     assert packed_layout(packed)["bad_count"] == 1 and str(image) not in packed.column("image_uri").to_pylist()
 
 
+def _replace_in_shard(shard_uri: str, column: str, row: int, value: bytes) -> None:
+    """Overwrite one row's bytes in a shard, keeping its metadata and row groups."""
+    shard = pq.read_table(shard_uri)
+    values = shard.column(column).to_pylist()
+    values[row] = value
+    shard = shard.set_column(shard.schema.get_field_index(column), column, pa.array(values, pa.binary()))
+    pq.write_table(shard.replace_schema_metadata(shard.schema.metadata), shard_uri, row_group_size=pack.ROWS_PER_GROUP)
+    pack._GROUPS.clear()
+
+
 def _corrupt_one_row(packed: pa.Table) -> str:
     """Truncate the image bytes of the first train row inside its shard; returns its URI."""
     row = packed.filter(pa.compute.equal(packed.column("split"), "train")).slice(0, 1).to_pylist()[0]
-    shard = pq.read_table(row["shard_uri"])
-    metadata = shard.schema.metadata
-    images = shard.column("image_bytes").to_pylist()
-    images[row["shard_row"]] = images[row["shard_row"]][:30]
-    shard = shard.set_column(shard.schema.get_field_index("image_bytes"), "image_bytes", pa.array(images, pa.binary()))
-    pq.write_table(shard.replace_schema_metadata(metadata), row["shard_uri"], row_group_size=pack.ROWS_PER_GROUP)
-    pack._GROUPS.clear()
+    image = pq.read_table(row["shard_uri"], columns=["image_bytes"]).column(0)[row["shard_row"]].as_py()
+    _replace_in_shard(row["shard_uri"], "image_bytes", row["shard_row"], image[:30])
     return row["image_uri"]
 
 
@@ -243,3 +249,109 @@ def test_prepare_data_packs_and_verifies(mvtec_root, tmp_path, capsys):
     write_image(mvtec_root / "bottle" / "test" / "broken" / "000.png", size=30)  # now bigger than its mask
     assert main(["--data", str(mvtec_root), "--verify"]) == 2
     assert "000_mask.png is 24x24 but its image" in capsys.readouterr().out
+
+
+def test_verify_of_a_packed_manifest_checks_its_shards_not_the_original_files(tmp_path, capsys):
+    from pipelines.prepare_data import main
+
+    root = make_mvtec(tmp_path / "mvtec")
+    uri = pack_manifest(manifest_of(root), str(tmp_path / "packed"))
+    shutil.rmtree(root)  # only the shards hold the images now: nothing is bad
+    packed = read_manifest(uri)
+    assert verify_manifest(packed) == []
+    corrupt = _corrupt_one_row(packed)
+    masked = packed.filter(pa.compute.is_valid(packed.column("mask_uri"))).slice(0, 1).to_pylist()[0]
+    big_mask = tmp_path / "big_mask.png"
+    write_mask(big_mask, size=30)
+    _replace_in_shard(masked["shard_uri"], "mask_bytes", masked["shard_row"], big_mask.read_bytes())
+    bad = dict(verify_manifest(packed))
+    assert set(bad) == {corrupt, masked["image_uri"]}
+    assert bad[corrupt].startswith("CorruptImageError") and bad[masked["image_uri"]].startswith("MaskSizeError")
+    assert main(["--data", uri, "--verify"]) == 2
+    out = capsys.readouterr().out
+    assert f"bad: {corrupt}: CorruptImageError" in out and f"verified {packed.num_rows} images: 2 bad" in out
+    # a shard that is gone: each of its rows is bad, named with the reason
+    pack._GROUPS.clear(), pack._OFFSETS.clear()
+    (tmp_path / "packed" / "shards" / "test-00000.parquet").unlink()
+    missing = [(uri, reason) for uri, reason in verify_manifest(packed) if uri != corrupt]
+    assert len(missing) == packed_layout(packed)["shards"][-1]["rows"]
+    assert all("FileNotFoundError" in reason and "test-00000.parquet" in reason for _, reason in missing)
+
+
+def test_ctrl_c_while_packing_is_one_line_exit_130_and_the_rerun_resumes(mvtec_root, tmp_path, capsys, monkeypatch):
+    from pipelines.prepare_data import main
+
+    write, written = pack._write_shard, []
+
+    def interrupted_after_one(table, plan, *args):
+        if written:
+            raise KeyboardInterrupt
+        written.append(plan.name)
+        return write(table, plan, *args)
+
+    monkeypatch.setattr(pack, "_write_shard", interrupted_after_one)
+    argv = ["--data", str(mvtec_root), "--pack", "--output", str(tmp_path / "out"), "--shard-mb", "1"]
+    try:
+        assert main(argv) == 130
+    except KeyboardInterrupt:  # would end the whole test session
+        pytest.fail("Ctrl-C escaped prepare_data.main with its traceback")
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith(("INFO", "WARNING"))]
+    assert len(err) == 1 and "interrupted" in err[0] and "run the same command again to resume" in err[0]
+    first = tmp_path / "out" / "shards" / written[0]
+    stamp = first.stat().st_mtime_ns
+    monkeypatch.setattr(pack, "_write_shard", write)
+    assert main(argv) == 0 and first.stat().st_mtime_ns == stamp
+
+
+def test_prepare_data_refuses_verify_with_pack_and_speaks_of_shard_size_in_mb(mvtec_root, tmp_path, capsys):
+    from pipelines.prepare_data import main
+
+    out = tmp_path / "out"
+    assert main(["--data", str(mvtec_root), "--verify", "--pack", "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--verify and --pack" in err and "\n" not in err and not out.exists()
+    assert main(["--data", str(mvtec_root), "--pack", "--output", str(out), "--shard-mb", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --shard-mb 0 must be a positive number of MB (default 256)")
+    assert "shard_bytes" not in err and "\n" not in err and not out.exists()
+
+
+def test_each_bad_row_is_printed_once_and_a_long_list_is_cut(tmp_path, capsys, caplog, monkeypatch):
+    import pipelines.prepare_data as prepare_data
+
+    root = make_mvtec(tmp_path / "mvtec")
+    bad = sorted(root.glob("*/train/good/*.png"))  # 6 images
+    for path in bad:
+        path.write_bytes(b"")
+    monkeypatch.setattr(prepare_data, "SHOWN_BAD", 4)
+    caplog.set_level("INFO")
+    assert prepare_data.main(["--data", str(root), "--verify"]) == 2
+    out = capsys.readouterr().out
+    assert sum(str(p) in out for p in bad) == 4 and "... and 2 more\n" in out and "6 bad" in out
+    out_dir = tmp_path / "out"
+    assert prepare_data.main(["--data", str(root), "--pack", "--output", str(out_dir)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("bad (not packed): ") == 4 and all(out.count(f"bad (not packed): {p}:") <= 1 for p in bad)
+    assert f"... and 2 more; all under bad_files in the `dinomaly_packed` Parquet metadata of {out_dir}" in out
+    assert not [r for r in caplog.records if any(str(p) in r.getMessage() for p in bad)]  # not logged as well
+    assert len(packed_layout(read_manifest(str(out_dir / "manifest.parquet")))["bad_files"]) == 6
+
+
+def test_packing_another_manifest_into_a_folder_warns_of_its_old_shards(tmp_path, caplog):
+    root = make_mvtec(tmp_path / "mvtec", classes=("bottle", "carpet", "grid"))
+    out, shards = str(tmp_path / "packed"), tmp_path / "packed" / "shards"
+    first = read_manifest(pack_manifest(manifest_of(root), out, shard_bytes=4000))
+    assert all(s["views"] == {"": s["rows"]} for s in packed_layout(first)["shards"])  # rows without a view
+    (shards / "notes.parquet").write_bytes(b"not ours")
+    old = {p.name for p in shards.glob("*-*.parquet")}
+    caplog.set_level("WARNING", logger="dinomaly.data.pack")
+    second = read_manifest(pack_manifest(select(manifest_of(root), categories=["bottle"]), out, shard_bytes=4000))
+    used = {uri.rsplit("/", 1)[1] for uri in second.column("shard_uri").unique().to_pylist()}
+    stale = old - used
+    assert stale and {p.name for p in shards.iterdir()} >= old  # nothing deleted
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert f"{len(stale)} shard files in {shards} are not part of this pack" in warning
+    assert all(name in warning for name in stale) and "notes.parquet" not in warning
+    caplog.clear()
+    pack_manifest(manifest_of(root), out, shard_bytes=4000)  # every old shard in use again: no warning
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

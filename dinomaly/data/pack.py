@@ -12,7 +12,7 @@ so evaluation finishes one class before the next. Images are never re-encoded: a
 same pixels as the file it came from.
 
 Packing verifies every row (the image decodes in full, the mask decodes and has its image's size); a bad
-row is counted, logged and listed in the layout, never packed (data.strict: the first one fails the pack).
+row is counted and listed in the layout, never packed (data.strict: the first one fails the pack).
 Packing is resumable: the plan is a pure function of the manifest and shard_bytes, each shard is written
 whole (a local file is renamed into place, an object-store upload appears on completion) with a fingerprint
 of its rows, and a rerun keeps every shard whose fingerprint matches.
@@ -25,9 +25,11 @@ import json
 import logging
 import math
 import os
+import re
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,6 +68,8 @@ SHARD_SCHEMA = pa.schema(list(MANIFEST_SCHEMA) + [pa.field("image_bytes", pa.bin
 SHARD_KEY = b"dinomaly_shard"  # a shard's Parquet metadata: JSON {plan fingerprint, bad rows}
 MAX_LISTED = 1000  # bad rows listed in the layout (the count is always exact)
 FETCH_THREADS = 8
+SHARD_NAME = re.compile(rf"({'|'.join(SPLITS)})-\d{{5,}}\.parquet")  # plan_shards' names
+NO_VIEW = ""  # the layout's `views` key for rows without a camera view
 _VERIFY_ERRORS = (CorruptImageError, MaskSizeError, OSError)
 
 
@@ -166,18 +170,35 @@ def _fetch_rows(table: pa.Table, rows: Sequence[int], data_config: DataConfig | 
     return zip(uris, images, masks, mask_data)
 
 
+def _packed_rows(table: pa.Table, rows: Sequence[int], data_config: DataConfig | None):
+    """(uri, image bytes, mask uri, mask bytes) of packed manifest rows, read from their shards as training and
+    evaluation read them (the files at image_uri may be gone), in order."""
+    names = ("image_uri", "mask_uri", "shard_uri", "shard_row")
+    for uri, mask_uri, shard, at in zip(*(table.column(n).take(list(rows)).to_pylist() for n in names)):
+        try:
+            data, mask_data = read_packed_row(shard, at, None, data_config)
+        except OSError as err:  # a missing shard: each of its rows is bad
+            data, mask_data = err, None
+        except pa.ArrowInvalid as err:  # not a Parquet file (cut short, overwritten)
+            data, mask_data = OSError(f"cannot read shard {shard}: {err}"), None
+        yield uri, data, mask_uri, (mask_data if mask_uri else None)
+
+
 def verify_manifest(table: pa.Table, data_config: DataConfig | None = None, strict: bool = False
                     ) -> list[tuple[str, str]]:
     """Every row's image and mask read and checked (check_row) -> [(image uri, reason)] of the bad ones.
 
+    A packed manifest's rows are read from its shards, the bytes training and evaluation use.
     strict: raise ValueError on the first bad row instead.
     """
     max_pixels = (data_config.max_image_pixels or None) if data_config else DEFAULT_MAX_PIXELS
     bad = []
-    with ThreadPoolExecutor(FETCH_THREADS) as pool:
+    with _pool() as pool:
         for start in range(0, table.num_rows, 256):
             rows = range(start, min(start + 256, table.num_rows))
-            for uri, data, mask_uri, mask_data in _fetch_rows(table, rows, data_config, pool):
+            fetched = (_packed_rows(table, rows, data_config) if is_packed(table)
+                       else _fetch_rows(table, rows, data_config, pool))
+            for uri, data, mask_uri, mask_data in fetched:
                 reason = check_row(uri, data, mask_uri, mask_data, max_pixels)
                 if reason:
                     _report_bad(uri, reason, strict)
@@ -185,10 +206,19 @@ def verify_manifest(table: pa.Table, data_config: DataConfig | None = None, stri
     return bad
 
 
-def _report_bad(uri: str, reason: str, strict: bool) -> None:
+def _report_bad(uri: str, reason: str, strict: bool) -> None:  # not logged: the caller lists bad rows once
     if strict:
         raise ValueError(f"bad row {uri} (data.strict=true): {reason}")
-    logger.warning("bad row %s: %s", uri, reason)
+
+
+@contextmanager
+def _pool():
+    """A fetch pool that, on Ctrl-C or an error, drops the reads not yet started instead of finishing them all."""
+    pool = ThreadPoolExecutor(FETCH_THREADS)
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 # --------------------------------------------------------------------------- packing
@@ -236,7 +266,7 @@ def _write_shard(table: pa.Table, plan: ShardPlan, shards: DataRoot, fingerprint
             payloads.append((data, mask_data))
     info = {"plan": fingerprint, "rows": len(keep), "bad": bad}
     schema = SHARD_SCHEMA.with_metadata({**MANIFEST_SCHEMA.metadata, SHARD_KEY: json.dumps(info).encode()})
-    body = table.select(MANIFEST_SCHEMA.names).take(keep).cast(MANIFEST_SCHEMA)
+    body = table.select(MANIFEST_SCHEMA.names).take(pa.array(keep, pa.int64())).cast(MANIFEST_SCHEMA)  # [] too
     body = body.append_column("image_bytes", pa.array([p[0] for p in payloads], pa.binary()))
     body = body.append_column("mask_bytes", pa.array([p[1] for p in payloads], pa.binary()))
     final = shards.path(plan.name)
@@ -265,7 +295,7 @@ def pack_manifest(manifest: pa.Table | str, out_uri: str, shard_bytes: int = DEF
     index_uri, shards = _targets(out_uri, data_config)
     uris = table.column("image_uri").to_pylist()
     plans, infos = plan_shards(table, shard_bytes), []
-    with ThreadPoolExecutor(FETCH_THREADS) as pool:
+    with _pool() as pool:
         for plan in plans:
             fingerprint = plan.fingerprint(uris)
             info = _finished(shards, plan, fingerprint)
@@ -275,7 +305,20 @@ def pack_manifest(manifest: pa.Table | str, out_uri: str, shard_bytes: int = DEF
                 logger.info("kept %s from an earlier run", shards.uri_of(plan.name))
             infos.append(info)
     index = _index(shards, plans, infos, shard_bytes)
-    return write_manifest(index, index_uri, data_config=data_config)
+    index_uri = write_manifest(index, index_uri, data_config=data_config)
+    _warn_stale(shards, plans)
+    return index_uri
+
+
+def _warn_stale(shards: DataRoot, plans: list[ShardPlan]) -> None:
+    """Name the shards an earlier pack left in this folder that the new manifest does not use. Warned about, not
+    deleted: they may be all that is left of another pack someone still reads, and a bucket has no undo."""
+    names = {plan.name for plan in plans}
+    stale = [n for n in shards.files("") if SHARD_NAME.fullmatch(n) and n not in names]
+    if stale:
+        listed = ", ".join(stale[:10]) + (f" and {len(stale) - 10} more" if len(stale) > 10 else "")
+        logger.warning("%d shard files in %s are not part of this pack (left by an earlier one; nothing reads them, "
+                       "delete them to save space): %s", len(stale), shards.uri, listed)
 
 
 def _index(shards: DataRoot, plans: list[ShardPlan], infos: list[dict], shard_bytes: int) -> pa.Table:
@@ -289,7 +332,7 @@ def _index(shards: DataRoot, plans: list[ShardPlan], infos: list[dict], shard_by
         layout.append({"uri": uri, "split": plan.split, "rows": part.num_rows,
                        "bytes": shards.fs.get_file_info(shards.path(plan.name)).size,
                        "classes": dict(Counter(part.column("category").to_pylist())),
-                       "views": dict(Counter(str(v) for v in part.column("view").to_pylist()))})
+                       "views": dict(Counter(NO_VIEW if v is None else v for v in part.column("view").to_pylist()))})
     bad = [row for info in infos for row in info["bad"]]
     metadata = {"version": 1, "shard_bytes": shard_bytes, "rows_per_group": ROWS_PER_GROUP, "shards": layout, "bad_count": len(bad),
                 "bad_files": bad[:MAX_LISTED]}
