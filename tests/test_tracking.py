@@ -177,3 +177,24 @@ def test_keep_best_keeps_the_best_evaluation_through_a_fall_and_a_restore(tmp_pa
         "best", 4, 6, 0.9)
     assert record["checkpoint_uri"] == str(tmp_path / "run" / "best_checkpoint") and record["model_version"] == version
     assert record["last_checkpoint_uri"] == "/runs/r1/checkpoint_0000006" and record["last_model_version"] == "1"
+
+
+def test_a_sweep_winner_already_registered_is_found_not_registered_again(mlflow_uri):
+    """tune.py --resume of a finished sweep ranks the same winner again: its version is reused."""
+    from mlflow import MlflowClient
+
+    from dinomaly.distributed.tune.tracking import _holds_alias, _registered_before
+
+    client = MlflowClient(mlflow_uri)
+    run_id = client.create_run(client.create_experiment("sweeps")).info.run_id
+    best = {"trial_id": "t1", "best_step": 30}
+    assert _registered_before(client, "swept", run_id, best) is None  # no such model yet
+    client.create_registered_model("swept")
+    version = client.create_model_version("swept", source="/x", run_id=run_id,
+                                          tags={"trial_id": "t1", "step": "30"}).version
+    assert _registered_before(client, "swept", run_id, best) == str(version)
+    assert _registered_before(client, "swept", run_id, {**best, "best_step": 45}) is None
+    assert _registered_before(client, "swept", run_id, {**best, "trial_id": "t2"}) is None
+    assert not _holds_alias(client, "swept", "champion", str(version))
+    client.set_registered_model_alias("swept", "champion", version)
+    assert _holds_alias(client, "swept", "champion", str(version)) and not _holds_alias(client, "swept", "", "1")

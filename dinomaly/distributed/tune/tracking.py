@@ -129,6 +129,10 @@ def register_best(config: Config, outcome: SweepOutcome, client) -> tuple[str, b
 
     best, name, alias = outcome.best, config.tracking.registered_model_name, config.tune.champion_alias
     run_id = best["mlflow_run_id"]
+    if (known := _registered_before(client, name, run_id, best)) is not None:  # a --resume of a finished sweep
+        logger.info("%s version %s already holds trial %s's checkpoint of step %s", name, known, best["trial_id"],
+                    best["best_step"])
+        return known, _holds_alias(client, name, alias, known)
     with tempfile.TemporaryDirectory() as tmp:
         _download_checkpoint(config, best["checkpoint"], tmp)
         client.log_artifacts(run_id, tmp, "checkpoint")
@@ -156,6 +160,30 @@ def register_best(config: Config, outcome: SweepOutcome, client) -> tuple[str, b
     if beats:
         client.set_registered_model_alias(name, alias, version)
     return str(version), beats
+
+
+def _registered_before(client, name: str, run_id: str, best: dict) -> str | None:
+    """The version of `name` already registered from this trial's run and checkpoint step, if any."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    except MlflowException:  # no such model yet
+        return None
+    same = [v for v in versions if v.tags.get("trial_id") == best["trial_id"]
+            and v.tags.get("step") == str(best["best_step"])]
+    return str(max(int(v.version) for v in same)) if same else None
+
+
+def _holds_alias(client, name: str, alias: str, version: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    if not alias:
+        return False
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version) == version
+    except MlflowException:
+        return False
 
 
 def _beats_holder(client, name: str, alias: str, tags: dict, value: float) -> tuple[bool, str]:
