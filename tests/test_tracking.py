@@ -198,3 +198,21 @@ def test_a_sweep_winner_already_registered_is_found_not_registered_again(mlflow_
     assert not _holds_alias(client, "swept", "champion", str(version))
     client.set_registered_model_alias("swept", "champion", version)
     assert _holds_alias(client, "swept", "champion", str(version)) and not _holds_alias(client, "swept", "", "1")
+
+
+def test_a_wrong_registry_name_lists_the_models_and_aliases_there(mlflow_uri):
+    from mlflow import MlflowClient
+
+    from dinomaly.config import load_config
+    from dinomaly.distributed.models import resolve_model
+
+    config = load_config("demo", {"tracking.tracking_uri": mlflow_uri})
+    with pytest.raises(ValueError, match="it holds no registered models yet"):
+        resolve_model("models:/dinomaly@champion", config)
+    client = MlflowClient(mlflow_uri)
+    client.create_registered_model("dinomaly-demo")
+    version = client.create_model_version("dinomaly-demo", source="/x").version
+    client.set_registered_model_alias("dinomaly-demo", "champion", version)
+    client.create_registered_model("other")
+    with pytest.raises(ValueError, match=r"it holds dinomaly-demo \(@champion\), other; see"):
+        resolve_model("models:/dinomaly@champion", config)

@@ -62,6 +62,20 @@ def _checkpoint_in(root: Path, what: str) -> Path:
     return found[0]
 
 
+def _registry_holds(client, limit: int = 10) -> str:
+    """What the registry holds, as the fix for a wrong name or alias: its models with their aliases."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        models = client.search_registered_models(max_results=limit + 1)
+    except MlflowException:
+        return "its models could not be listed"
+    if not models:
+        return "it holds no registered models yet (training, tune.py and calibrate.py register them)"
+    named = [f"{m.name}" + (f" (@{', @'.join(sorted(m.aliases))})" if m.aliases else "") for m in models[:limit]]
+    return "it holds " + ", ".join(named) + (", ..." if len(models) > limit else "")
+
+
 def _from_registry(uri: str, config: Config) -> ResolvedModel:
     from mlflow import MlflowClient
     from mlflow.artifacts import download_artifacts
@@ -77,8 +91,8 @@ def _from_registry(uri: str, config: Config) -> ResolvedModel:
         version = (client.get_model_version_by_alias(name, alias) if alias
                    else client.get_model_version(name, match["version"]))
     except MlflowException as err:
-        raise ValueError(f"{uri} is not in the registry at {tracking_uri} ({err.message}); see its versions and "
-                         "aliases in the MLflow UI (Models) or with "
+        raise ValueError(f"{uri} is not in the registry at {tracking_uri} ({err.message}); {_registry_holds(client)}; "
+                         "see their versions and aliases in the MLflow UI (Models) or with "
                          f"MlflowClient().search_model_versions(\"name='{name}'\"), or set tracking.tracking_uri / "
                          "MLFLOW_TRACKING_URI") from err
     metrics = dict(client.get_run(version.run_id).data.metrics) if version.run_id else {}
