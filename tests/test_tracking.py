@@ -57,7 +57,10 @@ def test_open_run_logs_params_and_reopens_an_unfinished_run(mlflow_uri):
     assert open_run(config, "r1") == run_id
     close_run(mlflow_uri, run_id)
     assert client.get_run(run_id).info.status == "FINISHED"
-    assert open_run(config, "r1") != run_id  # a finished run is never appended to
+    newest = open_run(config, "r1")
+    assert newest != run_id  # a finished run is never appended to
+    assert open_run(config, "r1") == newest  # unfinished: re-opened
+    assert open_run(config, "r1", reopen=False) not in (run_id, newest)  # the Ray run starts afresh: a new one
 
 
 def test_run_logger_writes_metrics_artifacts_and_registers_the_checkpoint(mlflow_uri, tmp_path):

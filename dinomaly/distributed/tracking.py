@@ -81,8 +81,9 @@ def _experiment_id(client, tracking: TrackingConfig, tracking_uri: str) -> str:
     return client.create_experiment(tracking.experiment_name, artifact_location=location)
 
 
-def open_run(config: Config, run_name: str) -> str:
-    """On the driver: the id of the MLflow run for Ray run `run_name`, created or (when unfinished) re-opened.
+def open_run(config: Config, run_name: str, reopen: bool = True) -> str:
+    """On the driver: the id of the MLflow run for Ray run `run_name`, created or (when unfinished and `reopen`:
+    the Ray run resumes) re-opened.
 
     A new run gets the flattened config, the git commit and the tracking URI as params and tags.
     config.tracking.tracking_uri must already be resolved (resolve_tracking_uri).
@@ -93,7 +94,7 @@ def open_run(config: Config, run_name: str) -> str:
     experiment_id = _experiment_id(client, config.tracking, config.tracking.tracking_uri)
     previous = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
                                   order_by=["attributes.start_time DESC"], max_results=1)
-    if previous and previous[0].info.status != RunStatus.to_string(RunStatus.FINISHED):
+    if reopen and previous and previous[0].info.status != RunStatus.to_string(RunStatus.FINISHED):
         run_id = previous[0].info.run_id
         client.update_run(run_id, status="RUNNING")
         logger.info("re-opened MLflow run %s for resumed run %s", run_id, run_name)
