@@ -16,10 +16,6 @@ import time
 from pathlib import Path
 
 import dinomaly.distributed  # noqa: F401 - sets Ray's loopback environment before Ray is imported
-
-# The demo's Ray is one local node that is never drained: Ray Train's watcher for drained nodes would be one more
-# process, and its start logs an error-level line about its own restart policy.
-os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 from dinomaly.config.cli import entry_parser, start_logging
 
 

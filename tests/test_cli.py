@@ -191,7 +191,7 @@ def test_a_refused_data_file_from_a_ray_worker_is_one_line_and_exit_2(wrap, caps
             raise RayTaskError("read_rows", "traceback text", cause).as_instanceof_cause()
         try:
             raise cause
-        except MaskSizeError as err:  # Ray Data raises its own user-code error from the task's
+        except MaskSizeError as err:  # a chain kept in-process; the pickled actor-pool one: test_data_errors.py
             raise RuntimeError("Exception occurred in user code") from err
 
     assert run_job(lambda: None, task_failed) == 2

@@ -100,6 +100,31 @@ def test_bad_configurations_fail_on_the_driver_before_ray_starts(pipeline, demo_
         assert err.startswith("error: ") and message in err and "Traceback" not in err, (argv, err)
 
 
+def test_ctrl_c_during_fit_exits_130_and_says_how_to_resume(monkeypatch, capsys):
+    """Ray Train's SIGINT handler ends fit() with SystemExit (seen with a real Ctrl-C); the run turns it into
+    exit 130 and a line naming the run's checkpoints. A fake trainer raises what Ray's handler raises."""
+    from dinomaly.config import load_config
+    from dinomaly.distributed.train import run as launch
+
+    class AbortedTrainer:
+        def fit(self):
+            raise SystemExit(1)
+
+    with pytest.raises(launch.TrainingInterrupted):
+        launch._fit_with_progress(AbortedTrainer(), None, None)
+
+    def train(config, **kwargs):
+        launch._fit_with_progress(AbortedTrainer(), None, None)
+
+    monkeypatch.setattr(launch, "ensure_ray", lambda: True)
+    monkeypatch.setattr(launch, "train", train)
+    with pytest.raises(SystemExit) as exit_info:
+        launch.run(load_config("demo", {"output_root": "s3://bucket/runs/"}))
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err
+    assert "interrupted: the run's checkpoints are in s3://bucket/runs/demo;" in err and "--resume" in err
+
+
 def test_cli_exits_non_zero_with_one_line_and_no_traceback(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "pipelines" / "train.py"), "--set", "train.nope=1"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)

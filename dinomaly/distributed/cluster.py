@@ -80,6 +80,10 @@ def ensure_ray(log_to_driver: bool = True) -> bool:
 
     started = not ray.is_initialized()
     if started:
+        if not attaching_to_cluster():
+            # one local node, never drained: Ray Train's watcher for drained nodes would be one more process,
+            # and its start logs an error-level line about its own restart policy
+            os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(log_to_driver=log_to_driver, configure_logging=False)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the entry points print their own progress lines

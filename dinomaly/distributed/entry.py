@@ -67,8 +67,10 @@ def run_job(check: Callable[[], T], run: Callable[[T], int | None], prefix: str 
 
 
 def _data_error(err: BaseException) -> BaseException | None:
-    """The user's refused file behind an error from a Ray worker, if that is what it is. Ray Data chains it
-    (__cause__), Ray Core keeps it as .cause, Ray Train lists it per worker (worker_failures)."""
+    """The user's refused file behind an error from a Ray worker, if that is what it is. Ray Core keeps the
+    worker's error as .cause, Ray Train lists it per worker (worker_failures), a chain links it (__cause__,
+    __context__). A Ray Data actor pool wraps it in its own UserCodeException before it is pickled, which drops
+    the chain: there only the worker's traceback, the text of Ray's error, still names it."""
     seen, pending = set(), [err]
     while pending:
         current = pending.pop()
@@ -77,8 +79,32 @@ def _data_error(err: BaseException) -> BaseException | None:
         seen.add(id(current))
         if isinstance(current, DATA_ERRORS):
             return getattr(current, "cause", None) or current  # .cause: the message without Ray's traceback
+        named = _named_in_traceback(str(current)) if _from_ray(current) else None
+        if named is not None:
+            return named
         pending += [current.__cause__, current.__context__, getattr(current, "cause", None)]
         failures = getattr(current, "worker_failures", None)
         if isinstance(failures, dict):
             pending += list(failures.values())
     return None
+
+
+def _data_error_classes() -> dict[str, type[BaseException]]:
+    """'module.Class' -> class for DATA_ERRORS and their subclasses (as a traceback names them)."""
+    found, pending = {}, list(DATA_ERRORS)
+    while pending:
+        cls = pending.pop()
+        found[f"{cls.__module__}.{cls.__qualname__}"] = cls
+        pending += cls.__subclasses__()
+    return found
+
+
+def _named_in_traceback(text: str) -> BaseException | None:
+    """The outermost data error a worker's traceback names ('module.Class: message' lines), rebuilt."""
+    classes = _data_error_classes()
+    named = None
+    for line in text.splitlines():
+        name, sep, message = line.partition(": ")
+        if sep and name.strip() in classes:
+            named = classes[name.strip()](message.strip())
+    return named

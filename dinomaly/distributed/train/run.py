@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -82,6 +83,16 @@ def check_before_start(config: Config, init_from: str = "", attaching: bool | No
                                 "checkpoint directory written by pipelines/train.py")
     if config.data.root:
         check_reachable(config.data.root, config.data)
+        check_data(config)
+
+
+def check_data(config: Config) -> None:
+    """The manifest's rows as training will use them (unknown data.categories, too few images) and every test
+    mask's size from the file headers: a data error found inside a worker would only show after Ray started."""
+    from dinomaly.distributed.train.evaluation import check_mask_sizes
+
+    _, test_rows = load_tables(config)
+    check_mask_sizes(test_rows, config.data)
 
 
 def _check_writable(folder: Path) -> None:
@@ -161,9 +172,14 @@ def run(config: Config, *, init_from: str = "", output: str | Path | None = None
 
     ensure_ray()
     progress = ProgressFormatter()
-    result = train(config, init_from=init_from, output_dir=output or Path("runs") / config.name,
-                   on_progress=lambda note: print(progress(note), flush=True),
-                   status_dir=os.environ.get(STATUS_DIR_ENV, ""))
+    try:
+        result = train(config, init_from=init_from, output_dir=output or Path("runs") / config.name,
+                       on_progress=lambda note: print(progress(note), flush=True),
+                       status_dir=os.environ.get(STATUS_DIR_ENV, ""))
+    except TrainingInterrupted:
+        print(f"interrupted: the run's checkpoints are in {config.output_root.rstrip('/')}/{config.name}; the same "
+              "command with --resume continues from the latest one Ray recorded", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     print("\n".join(summary_lines(result)))
     for one in result.children or (result,):
         if (one.thresholds or {}).get("decisions"):
@@ -213,7 +229,8 @@ def _train_one(config: Config, *, init_from: str, batches: list | None, stop_at_
     resources = worker_resources(config, datasets is not None, ray.cluster_resources().get("CPU"))
     request = train_request(config, resources)
     check_resources(request, config.cluster.start_timeout_s)  # bounded wait; before the MLflow run opens
-    run_id = open_run(config, config.name) if config.tracking.enabled else None
+    # a run started afresh (its Ray run folder gone or new) gets a new MLflow run, never an old unfinished one
+    run_id = open_run(config, config.name, reopen=run_exists(config)) if config.tracking.enabled else None
     progress = _progress_queue() if on_progress else None
     job = TrainJob(config=config, source=source, init_from=init_from, stop_at_step=stop_at_step, test_table=test_rows,
                    calibration_table=calibration_rows, mlflow_run_id=run_id, progress=progress, status_dir=status_dir)
@@ -269,8 +286,19 @@ def _progress_queue():
     return Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
 
 
+class TrainingInterrupted(Exception):
+    """Ctrl-C during fit(): Ray Train's SIGINT handler aborts the run and ends fit() with SystemExit."""
+
+
 def _fit_with_progress(trainer, progress, on_progress):
     """trainer.fit() in this thread (it handles Ctrl-C), progress notes pumped to on_progress meanwhile."""
+    try:
+        return _fit_pumping(trainer, progress, on_progress)
+    except SystemExit as err:
+        raise TrainingInterrupted from err
+
+
+def _fit_pumping(trainer, progress, on_progress):
     if progress is None:
         return trainer.fit()
     from ray.util.queue import Empty

@@ -148,6 +148,8 @@ def run_worker(job: WorkerJob, hooks: Hooks) -> Any:
         torch.use_deterministic_algorithms(True, warn_only=True)
     restored = restored_start(job)
     saved = restored.train_state if restored else None
+    if saved and rank == 0:  # --resume, or Ray Train's restart after a lost worker
+        print(f"resuming at step {int(saved['step'])} from {restored.checkpoint_path}", flush=True)
     # the batch source starts now (a Ray Data pipeline: its executor and first reads), so its start-up runs
     # while the model is built, moved, wrapped and the hooks start, not while step 1 waits
     batches = _Timed(job.source.iterate(rank, world, int(saved["step"]) if saved else 0))
