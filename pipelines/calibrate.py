@@ -22,7 +22,7 @@ import argparse
 import sys
 
 import dinomaly.distributed  # noqa: F401 - sets Ray's loopback environment before Ray is imported
-from dinomaly.config.cli import actor_settings, entry_parser, start_logging
+from dinomaly.config.cli import actor_settings, entry_parser, local_output, start_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     from dinomaly.distributed.entry import run_job
 
     def check():
+        local_output(args.output, "; write the new version to a local folder, then copy it to the bucket "
+                                  "(an s3:// checkpoint prefix is a valid --model)")
         job = calibrate.prepare(args.model, args.data, args.config, actor_settings(args), args.target_fpr)
         check_job_storage({"--output": args.output}, job.registry.tracking_uri if job.registry else None)
         return job

@@ -16,9 +16,10 @@ size; only the ground-truth anomalous pixels, 12 B each, and one score per image
 the pixel metrics by about 1e-6 (image metrics stay exact). eval.aupro: 'reference' (200
 thresholds, as the paper) or 'exact'.
 
-Writes to --output: metrics.json, per_class.{txt,csv,md}, scores.parquet (one row per test image, unreadable
-images with their error) and, with --heatmaps N, heatmaps/<class>/ overlays of the N highest-scored normal
-images (false alarms) and the N highest-scored defective images, plus a grid per class.
+Writes to --output (a folder or an s3:// prefix): metrics.json, per_class.{txt,csv,md}, scores.parquet (one
+row per test image, unreadable images with their error) and, with --heatmaps N, heatmaps/<class>/ overlays of
+the N highest-scored normal images (false alarms) and the N highest-scored defective images, plus a grid per
+class.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help={"config": "YAML preset name or path (required for official .pth weights)",
                                 "data": "the test images: a .parquet manifest, a dataset layout root (folder) or "
                                         "an s3:// prefix",
-                                "output": "folder that receives metrics.json, per_class.*, scores.parquet and "
-                                          "heatmaps/ (default runs/evaluate-<model name>)",
+                                "output": "folder or s3:// prefix that receives metrics.json, per_class.*, "
+                                          "scores.parquet and heatmaps/ (default runs/evaluate-<model name>)",
                                 **ACTOR_HELP})
     parser.add_argument("--heatmaps", type=int, default=0, metavar="N",
                         help="overlays of the N highest-scored normal and defective images per class")
@@ -55,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def check():
         bundle, table = evaluate.prepare(args.model, args.data, args.config, actor_settings(args))
-        check_job_storage({"--output": args.output or f"runs/evaluate-{bundle.name or 'model'}"},
-                          bundle.config.tracking.tracking_uri if args.mlflow else None)
+        output = evaluate.output_uri(bundle, args.output)
+        check_job_storage({"--output": output}, bundle.config.tracking.tracking_uri if args.mlflow else None)
+        evaluate.check_output(output, bundle.config)
         return bundle, table
 
     return run_job(check, lambda checked: evaluate.run(*checked, args.output, heatmaps=args.heatmaps,

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 import dinomaly.distributed  # noqa: F401 - sets Ray's loopback environment before Ray is imported
-from dinomaly.config.cli import entry_parser, start_logging
+from dinomaly.config.cli import entry_parser, local_output, start_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +88,7 @@ def prepare(args: argparse.Namespace):
     from dinomaly.distributed.batch.scoring import build_model, load_bundle
     from dinomaly.export.checked import check_output
 
+    local_output(args.output, "; export to a local folder, then copy it")
     check_output(Path(args.output))
     bundle = load_bundle(args.model, args.config, args.set)
     model = build_model(bundle.config.model, bundle.state_dict, "cpu")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import dinomaly.distributed  # noqa: F401 - sets Ray's loopback environment before Ray is imported
 from dinomaly.config import Config, apply_overrides
-from dinomaly.config.cli import entry_parser, start_logging, training_config
+from dinomaly.config.cli import entry_parser, local_output, start_logging, training_config
 
 FLAG_KEYS = {  # train's own flags -> config keys (the shared ones: cli.TRAINING_KEYS; anything else: --set)
     "setting": "train.setting", "encoder": "model.encoder", "encoder_weights": "model.encoder_weights",
@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     from dinomaly.distributed.train import run as launch
 
     def check() -> tuple[Config, Path]:
+        local_output(args.output, "; keep --output local and pass --storage-path s3://... for Ray's run folders")
         config = config_from_args(args)
         output = args.output or Path("runs") / config.name
         check_job_storage({"--output": str(output), "--storage-path": config.output_root},

@@ -33,7 +33,7 @@ import sys
 
 import dinomaly.distributed  # noqa: F401 - sets Ray's loopback environment before Ray is imported
 from dinomaly.config import Config, apply_overrides
-from dinomaly.config.cli import entry_parser, start_logging, training_config
+from dinomaly.config.cli import entry_parser, local_output, start_logging, training_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     from dinomaly.distributed.tune.space import check_search_space
 
     def check() -> Config:
+        local_output(args.output, "; keep --output local and pass --storage-path s3://... for Ray's run folders")
         config = config_from_args(args)
         where = {"--output": args.output or sweep.experiment_path(config), "--storage-path": config.output_root}
         if config.tune.cache_root:

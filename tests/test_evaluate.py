@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -68,6 +69,56 @@ def test_heatmaps_of_highest_scored_normal_and_defective_images(setup, exact_run
             rows = [r for r in scores if r["category"] == name and r["label"] == label and not r["error"]]
             top = max(rows, key=lambda r: r["score"])
             assert any(f.startswith(f"{kind}_0_{Path(top['uri']).stem}-") for f in files), (name, kind, files)
+
+
+def test_s3_output_gets_every_file_and_no_local_folder(setup, exact_run, ray_session, moto_s3, tmp_path,
+                                                       monkeypatch):
+    """--output s3://bucket/prefix/: metrics.json, per_class.*, scores.parquet and heatmaps/ land in the bucket
+    with the local run's numbers, nothing is left half-written or probing there, and no local folder 's3:'
+    appears (pathlib would have made one)."""
+    root, checkpoint, _, _ = setup
+    _, local = exact_run
+    monkeypatch.chdir(tmp_path)
+    rc = evaluate_cli.main(["--model", str(checkpoint), "--data", str(root), "--output", moto_s3.uri("eval-out") + "/",
+                            "--heatmaps", "1"])
+    assert rc == 0
+    client = moto_s3.client()
+    listed = client.list_objects_v2(Bucket=moto_s3.bucket, Prefix="eval-out/").get("Contents", [])
+    # keys ending in '/' are folder markers (pyarrow's copy_files makes them); no file of ours ends so
+    keys = {item["Key"].removeprefix("eval-out/") for item in listed if not item["Key"].endswith("/")}
+    heatmaps = {k for k in keys if k.startswith("heatmaps/")}
+    assert keys - heatmaps == {"metrics.json", "per_class.txt", "per_class.csv", "per_class.md", "scores.parquet"}
+    for name in CLASSES:
+        assert f"heatmaps/{name}/grid.png" in heatmaps and sum(k.startswith(f"heatmaps/{name}/") for k in heatmaps) == 3
+
+    def read(key: str) -> bytes:
+        return client.get_object(Bucket=moto_s3.bucket, Key=f"eval-out/{key}")["Body"].read()
+
+    info = json.loads(read("metrics.json"))
+    for name in CLASSES:
+        for key in METRIC_NAMES:
+            assert info["classes"][name][key] == pytest.approx(local["classes"][name][key], abs=1e-9), (name, key)
+    assert pq.read_table(pa.BufferReader(read("scores.parquet"))).num_rows == info["images"] == 12
+    assert read("per_class.csv").decode().splitlines()[0].startswith("class,")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_output_fails_before_any_ray_work(setup, moto_s3, tmp_path, monkeypatch, capsys):
+    """A missing bucket or a local --output under a file: exit 2 with the fix named, before the job runs."""
+    from dinomaly.distributed.batch import evaluate
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("the evaluation ran although its output cannot be written")
+
+    monkeypatch.setattr(evaluate, "run", no_run)
+    root, checkpoint, _, _ = setup
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for output, expected in (("s3://missing-bucket/eval", "bucket s3://missing-bucket"),
+                             (str(blocker / "out"), "is not a writable folder")):
+        rc = evaluate_cli.main(["--model", str(checkpoint), "--data", str(root), "--output", output])
+        err = capsys.readouterr().err
+        assert rc == 2 and expected in err, err
 
 
 def test_class_streams_equal_all_in_memory_and_free_each_class():

@@ -180,5 +180,13 @@ def actor_settings(args: argparse.Namespace) -> list[str]:
     return settings
 
 
+def local_output(value: str | None, hint: str = "") -> None:
+    """Refuse a URI --output (s3://, gs://, file://) for a command that writes its files with local file APIs:
+    pathlib would turn s3://bucket/x into a local folder s3:/bucket/x."""
+    if value and "://" in str(value):
+        raise ValueError(f"--output {value}: this command writes to a local folder only (a plain path, not an "
+                         f"s3:// or other URI){hint}")
+
+
 def start_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")

@@ -15,8 +15,11 @@ import heapq
 import itertools
 import logging
 import math
+import os
+import tempfile
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,7 @@ import pyarrow.parquet as pq
 from dinomaly.calibration import ThresholdTable, labelled_summary, stored_table
 from dinomaly.config import Config
 from dinomaly.data.manifest import load_manifest, select
+from dinomaly.data.storage import check_reachable, filesystem_for, split_uri, upload_tree
 from dinomaly.distributed.batch.scoring import ModelBundle, ScoreSpec, add_decisions, score_rows
 from dinomaly.metrics import METRIC_NAMES, MetricAccumulator
 from dinomaly.results import MetricsRecord, replace_atomically, write_metrics_json
@@ -306,34 +310,81 @@ def prepare(model: str, data: str, preset: str | None, overrides: list[str]) -> 
     data.layout stays the preset's or the checkpoint's (e.g. realiad and its json variant); a .parquet path is
     read as a manifest."""
     from dinomaly.distributed.batch.scoring import load_bundle
+    from dinomaly.distributed.train.evaluation import check_mask_sizes
 
     bundle = load_bundle(model, preset, [f"data.root={data}", *overrides])
-    return bundle, test_rows(bundle.config)
+    table = test_rows(bundle.config)
+    check_mask_sizes(table, bundle.config.data, image_column="uri")  # before Ray, not in a worker
+    return bundle, table
+
+
+def output_uri(bundle: ModelBundle, output: str | Path | None) -> str:
+    """--output as given (a folder or an s3:// / gs:// prefix), else runs/evaluate-<model name>."""
+    text = str(output or f"runs/evaluate-{bundle.name or 'model'}")
+    return text.rstrip("/") or text
+
+
+def check_output(output: str, config: Config) -> None:
+    """Fail before any Ray work when `output` cannot be written. An object-store prefix gets a probe object,
+    written and deleted: reachable, readable credentials may still lack write permission."""
+    scheme, path = split_uri(output)
+    if not scheme:
+        existing = Path(path)
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK):
+            raise PermissionError(f"cannot write --output {path}: {existing} is not a writable folder; "
+                                  "choose another --output")
+        return
+    check_reachable(f"{scheme}://{path.split('/', 1)[0]}", config.data)  # the bucket; the prefix may be new
+    fs, probe = filesystem_for(f"{output}/.write-check", config.data)
+    try:
+        with fs.open_output_stream(probe) as stream:
+            stream.write(b"")
+        fs.delete_file(probe)
+    except OSError as err:
+        raise PermissionError(f"cannot write to --output {output} ({str(err).strip()}); check that the "
+                              "credentials may write to that bucket, or choose another --output") from err
+
+
+@contextmanager
+def _local_folder(output: str):
+    """The folder the files are written to: `output` itself, or for an object store a temporary folder
+    uploaded to it afterwards (the writers and MLflow's log_artifacts need local files)."""
+    scheme, path = split_uri(output)
+    if not scheme:  # file:// URIs included
+        yield Path(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="dinomaly-evaluate-") as folder:
+        yield Path(folder)
 
 
 def run(bundle: ModelBundle, table: pa.Table, output: str | Path | None = None, *, heatmaps: int = 0,
         mlflow: bool = False) -> dict[str, Any]:
-    """Start or join Ray (and stop a Ray it started), evaluate, write <output> (default
-    runs/evaluate-<model>), print the per-class table; with mlflow, log it all to a new MLflow run."""
+    """Start or join Ray (and stop a Ray it started), evaluate, write <output> (a folder or an s3:// prefix;
+    default runs/evaluate-<model>), print the per-class table; with mlflow, log it all to a new MLflow run."""
     import ray
 
     from dinomaly.distributed.cluster import ensure_ray
 
-    output = Path(output or f"runs/evaluate-{bundle.name or 'model'}")
+    target = output_uri(bundle, output)
     started = ensure_ray()
     try:
         result = evaluate(ray.put(bundle), bundle.config, table, heatmaps=heatmaps)
-        info = write_evaluation_files(result, bundle, bundle.config, output)
-        print(format_table(result.rows))
-        if info["thresholds"].get("decisions"):
-            print(f"\nthresholds at their target FPR, on this labelled test split:\n"
-                  f"{format_decision_table(info['thresholds']['decisions'])}")
-        print(f"{info['images']} test images ({len(info['unreadable'])} unreadable) in {result.seconds:.1f} s; "
-              f"results in {output}")
-        if mlflow:
-            run_id = log_to_mlflow(info, bundle.config, output,
-                                   f"evaluate-{bundle.name}-{time.strftime('%Y%m%dT%H%M%S')}")
-            print(f"logged to MLflow run {run_id}")
+        with _local_folder(target) as folder:
+            info = write_evaluation_files(result, bundle, bundle.config, folder)
+            if split_uri(target)[0]:
+                upload_tree(folder, target, bundle.config.data)
+            print(format_table(result.rows))
+            if info["thresholds"].get("decisions"):
+                print(f"\nthresholds at their target FPR, on this labelled test split:\n"
+                      f"{format_decision_table(info['thresholds']['decisions'])}")
+            print(f"{info['images']} test images ({len(info['unreadable'])} unreadable) in {result.seconds:.1f} s; "
+                  f"results in {target}")
+            if mlflow:
+                run_id = log_to_mlflow(info, bundle.config, folder,
+                                       f"evaluate-{bundle.name}-{time.strftime('%Y%m%dT%H%M%S')}")
+                print(f"logged to MLflow run {run_id}")
     finally:
         if started:
             ray.shutdown()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from dinomaly.data.storage import split_uri
 from dinomaly.distributed.train.worker import data_wait
 from dinomaly.metrics import METRIC_NAMES
 from dinomaly.tables import format_table
@@ -77,12 +78,21 @@ def summary_lines(result: TrainResult) -> list[str]:
     return lines
 
 
+def storage_uri(path: str | None, storage_root: str) -> str | None:
+    """A path on Ray's storage as a full URI: Ray reports object-store paths as 'bucket/key', which would read
+    like a relative local folder; the scheme comes from the storage root (output_root)."""
+    scheme = split_uri(storage_root)[0]
+    if not path or not scheme or "://" in path:
+        return path
+    return f"{scheme}://{path}"
+
+
 def _record_lines(run: TrainResult) -> list[str]:
     tracking = run.config.tracking
     out = run.output_dir.resolve() if run.output_dir else None
+    ray_folder = storage_uri(run.checkpoint_uri, run.config.output_root)
     lines = [f"records of {run.name}:",
-             f"  checkpoint:       {out / 'checkpoint' if out else run.checkpoint_uri}  (Ray's run folder: "
-             f"{run.checkpoint_uri})"]
+             f"  checkpoint:       {out / 'checkpoint' if out else ray_folder}  (Ray's run folder: {ray_folder})"]
     if out:
         lines.append(f"  metrics.json:     {out / 'metrics.json'}")
     if run.mlflow_run_id:
