@@ -64,6 +64,7 @@ def demo(args) -> int:
     launch.check_before_start(config)
     result = launch.run(config, output=output)
     python = os.path.relpath(sys.executable)  # .venv/bin/python under `make demo`
+    python = sys.executable if python.startswith("..") else python  # a venv outside this folder: its full path
     bin_dir = Path(python).parent
     print(f"\nNext:\n"
           f"  {bin_dir / 'mlflow'} ui --backend-store-uri {result.config.tracking.tracking_uri}    # runs, heatmaps, "
