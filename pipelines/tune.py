@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         check_job_storage(where, config.tracking.tracking_uri if config.tracking.enabled else None)
         config = prepare_config(config)
         check_search_space(config)  # a bad space fails here, before any Ray work, with the fix named
+        sweep.check_sweep_name(config, args.resume)
         check_before_start(config)
         return config
 

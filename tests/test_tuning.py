@@ -421,3 +421,23 @@ def test_the_registered_champion_is_the_best_evaluation_of_the_winning_trial(tmp
     table = format_ranking(outcome)
     assert "ranked by each trial's best evaluation" in table and table.splitlines()[1].split()[:6] == [
         "1", "falls", "completed", "0.9000", "2", "4"]
+
+
+def test_a_taken_or_missing_sweep_is_refused_before_ray_starts(demo_root, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from dinomaly.distributed import cluster
+
+    monkeypatch.setattr(cluster, "ensure_ray", lambda *a, **k: pytest.fail("Ray was started"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    spec = importlib.util.spec_from_file_location("tune_pipeline_names", REPO / "pipelines" / "tune.py")
+    pipeline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pipeline)
+    base = ["--config", "demo", "--data", str(demo_root), "--output", str(tmp_path / "sweeps"), "--name", "taken",
+            "--set", "tracking.enabled=false"]
+    assert pipeline.main([*base, "--resume"]) == 2
+    assert "no sweep to resume at" in capsys.readouterr().err
+    (tmp_path / "sweeps" / "taken").mkdir(parents=True)
+    (tmp_path / "sweeps" / "taken" / "tuner.pkl").write_bytes(b"")  # what Tuner.can_restore looks for
+    assert pipeline.main(base) == 2
+    assert "a sweep named 'taken' already exists" in capsys.readouterr().err

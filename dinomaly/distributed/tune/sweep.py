@@ -179,6 +179,22 @@ def run(config: Config, *, resume: bool = False, output_dir: str | Path | None =
     return 0 if outcome.best is not None else 1
 
 
+def check_sweep_name(config: Config, resume: bool) -> str:
+    """The sweep's folder: --resume needs an earlier sweep there; without it, an earlier sweep is an error (both
+    checked without Ray, so pipelines/tune.py refuses before starting one)."""
+    from ray import tune
+
+    path = experiment_path(config)
+    storage_path, filesystem = storage_for(path, config.data)
+    exists = tune.Tuner.can_restore(storage_path, storage_filesystem=filesystem)
+    if resume and not exists:
+        raise FileNotFoundError(f"no sweep to resume at {path}; run without --resume to start it")
+    if exists and not resume:
+        raise ValueError(f"a sweep named {config.name!r} already exists at {path}; pass --resume to finish it, or "
+                         "start a new one with --name <new name> or --output <new folder>")
+    return path
+
+
 def run_sweep(config: Config, *, resume: bool = False, output_dir: str | Path | None = None,
               callbacks: list | None = None) -> SweepOutcome:
     """Run (or with resume=True finish) the sweep described by config.tune; Ray must be initialised.
@@ -191,14 +207,8 @@ def run_sweep(config: Config, *, resume: bool = False, output_dir: str | Path | 
     from ray import tune
 
     check_search_space(config)
-    path = experiment_path(config)
+    path = check_sweep_name(config, resume)
     storage_path, filesystem = storage_for(path, config.data)
-    exists = tune.Tuner.can_restore(storage_path, storage_filesystem=filesystem)
-    if resume and not exists:
-        raise FileNotFoundError(f"no sweep to resume at {path}; run without --resume to start it")
-    if exists and not resume:
-        raise ValueError(f"a sweep named {config.name!r} already exists at {path}; pass --resume to finish it, or "
-                         "start a new one with --name <new name> or --output <new folder>")
     objective, train_rows, eval_rows = sweep_inputs(config)
     mode = objective_mode(objective)
     cache = ensure_feature_cache(config, train_rows, eval_rows, objective) if config.tune.feature_cache else None
