@@ -69,17 +69,17 @@ def test_unknown_class_or_bad_mask_fails_training_before_ray_starts(tmp_path, mo
 def test_object_store_rows_are_checked_up_to_a_bound(monkeypatch):
     import pyarrow as pa
 
-    from dinomaly.distributed.train import evaluation
+    from dinomaly.data import mask_check
 
     read = []
-    monkeypatch.setattr(evaluation, "REMOTE_HEADER_CHECKS", 10)
-    monkeypatch.setattr(evaluation, "header_size", lambda uri, data: read.append(uri) or (8, 8))
+    monkeypatch.setattr(mask_check, "REMOTE_HEADER_CHECKS", 10)
+    monkeypatch.setattr(mask_check, "header_size", lambda uri, data: read.append(uri) or (8, 8))
     remote = [f"s3://b/img/{i}.png" for i in range(100)]
     local = ["/d/a.png", "/d/b.png"]
     table = pa.table({"image_uri": remote + local + ["/d/normal.png"],
                       "mask_uri": [u.replace("img", "mask") for u in remote] + ["/d/mask/a.png", "/d/mask/b.png",
                                                                                 None]})
-    evaluation.check_mask_sizes(table, load_config("demo").data)
+    mask_check.check_mask_sizes(table, load_config("demo").data)
     images = [uri for uri in read if "mask" not in uri]
     assert len(images) == 12 and set(local) <= set(images)  # every local row, 10 of the remote ones
     assert images[:10] == remote[::10] and len(read) == 24

@@ -309,8 +309,8 @@ def prepare(model: str, data: str, preset: str | None, overrides: list[str]) -> 
 
     data.layout stays the preset's or the checkpoint's (e.g. realiad and its json variant); a .parquet path is
     read as a manifest."""
+    from dinomaly.data.mask_check import check_mask_sizes
     from dinomaly.distributed.batch.scoring import load_bundle
-    from dinomaly.distributed.train.evaluation import check_mask_sizes
 
     bundle = load_bundle(model, preset, [f"data.root={data}", *overrides])
     table = test_rows(bundle.config)

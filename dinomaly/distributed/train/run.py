@@ -89,7 +89,7 @@ def check_before_start(config: Config, init_from: str = "", attaching: bool | No
 def check_data(config: Config) -> None:
     """The manifest's rows as training will use them (unknown data.categories, too few images) and every test
     mask's size from the file headers: a data error found inside a worker would only show after Ray started."""
-    from dinomaly.distributed.train.evaluation import check_mask_sizes
+    from dinomaly.data.mask_check import check_mask_sizes
 
     _, test_rows = load_tables(config)
     check_mask_sizes(test_rows, config.data)
