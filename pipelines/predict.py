@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                                args.rows_per_file)
 
     return run_job(check, lambda job: predict.run(job, args.output, heatmaps=args.heatmaps, overwrite=args.overwrite,
-                                                  rows_per_file=args.rows_per_file), debug=args.debug)
+                                                  rows_per_file=args.rows_per_file), debug=args.debug,
+                   interrupted="run the same command again: the rows already written are kept, the rest are scored")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 
 from dinomaly.config import apply_overrides, load_config
 from dinomaly.config.cli import entry_parser, start_logging
@@ -20,7 +19,6 @@ from dinomaly.data.manifest import format_counts, load_manifest, read_manifest, 
 from dinomaly.data.pack import DEFAULT_SHARD_BYTES, MAX_LISTED, pack_manifest, packed_layout, verify_manifest
 from dinomaly.data.storage import upload_tree
 
-INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 SHOWN_BAD = 20  # bad rows printed; the rest are counted
 
 
@@ -100,15 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"manifest of {table.num_rows} images written to {uri}")
         return 0
 
-    try:
-        return run_job(check, run, debug=args.debug)
-    except KeyboardInterrupt:
-        if args.debug:
-            traceback.print_exc()
-        resume = (f"; run the same command again to resume the pack (finished shards under {args.output} are kept)"
-                  if args.pack else "")
-        print(f"interrupted{resume}", file=sys.stderr)
-        return INTERRUPTED
+    resume = f"run the same command again to resume the pack (finished shards under {args.output} are kept)"
+    return run_job(check, run, debug=args.debug, interrupted=resume if args.pack else "")
 
 
 def print_bad(label: str, bad: list, count: int, where: str = "") -> None:

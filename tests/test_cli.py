@@ -295,3 +295,17 @@ def test_demo_steps_keep_the_warmup_share_and_bad_values_write_nothing(tmp_path,
     with pytest.raises(ValueError, match="train.total_steps=0 must be at least 1"):
         demo.demo(demo.build_parser().parse_args(["--steps", "0", "--data", "none"]))
     assert not (tmp_path / "none").exists()
+
+
+def test_ctrl_c_in_any_job_is_one_line_and_exit_130(capsys):
+    from dinomaly.distributed.entry import run_job
+
+    def interrupted(_):
+        raise KeyboardInterrupt
+
+    assert run_job(lambda: None, interrupted) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+    assert run_job(lambda: None, interrupted, interrupted="run it again to resume") == 130
+    assert capsys.readouterr().err == "interrupted; run it again to resume\n"
+    assert run_job(lambda: interrupted(None), lambda _: 0) == 130  # in check()
+    assert capsys.readouterr().err == "interrupted\n"

@@ -25,6 +25,7 @@ from dinomaly.distributed.resources import ResourcesUnavailable
 T = TypeVar("T")
 USER_ERROR = 2
 NO_RESOURCES = 1
+INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 DATA_ERRORS = (CorruptImageError, MaskSizeError)  # the user's files, refused wherever they were read
 
 
@@ -45,7 +46,20 @@ def _fail(err: BaseException, code: int, prefix: str, debug: bool) -> int:
     return code
 
 
-def run_job(check: Callable[[], T], run: Callable[[T], int | None], prefix: str = "", debug: bool = False) -> int:
+def run_job(check: Callable[[], T], run: Callable[[T], int | None], prefix: str = "", debug: bool = False,
+            interrupted: str = "") -> int:
+    """check() then run(checked) as an entry point: a user error is one `error:` line and exit 2, resources
+    that never come exit 1, Ctrl-C is one `interrupted` line (with `interrupted`, what to do next) and exit 130."""
+    try:
+        return _run_job(check, run, prefix, debug)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print("interrupted" + (f"; {interrupted}" if interrupted else ""), file=sys.stderr)
+        return INTERRUPTED
+
+
+def _run_job(check: Callable[[], T], run: Callable[[T], int | None], prefix: str, debug: bool) -> int:
     try:
         checked = check()
     except (ValueError, OSError) as err:  # FileNotFoundError, PermissionError, ConnectionError included
