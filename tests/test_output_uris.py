@@ -50,6 +50,25 @@ def test_summary_prints_ray_run_folder_on_s3_with_its_scheme():
     assert " walk/runs" not in text
 
 
+def test_metrics_json_names_s3_checkpoints_with_their_scheme():
+    """metrics.json's checkpoint_uri (the best one under train.keep_best, the last one beside it) is a full URI."""
+    from types import SimpleNamespace
+
+    from dinomaly.distributed.train.result import TrainResult
+
+    config = load_config(None, ["output_root=s3://walk/runs", "name=s3run"])
+    rows = [{"class": "mean", "image_auroc": 0.9}]
+    log = SimpleNamespace(step_waits=[], train_s=0.0, best={
+        "step": 20, "score": 0.9, "path": "walk/runs/s3run/best_checkpoint", "model_version": None,
+        "rows": rows, "thresholds": None})
+    result = TrainResult(config=config, final_step=40, rows=rows, thresholds=None,
+                         checkpoint_uri="s3://walk/runs/s3run/checkpoint_0000040", mlflow_run_id=None,
+                         model_version=None, data_errors=None, output_dir=None, log=log)
+    record = result.metrics_record().to_dict()
+    assert record["checkpoint_uri"] == "s3://walk/runs/s3run/best_checkpoint"
+    assert record["last_checkpoint_uri"] == "s3://walk/runs/s3run/checkpoint_0000040"
+
+
 @pytest.mark.parametrize(("name", "args"), [
     ("calibrate", ["--model", "unused", "--data", "unused"]),
     ("export", ["--model", "unused", "--format", "onnx"]),

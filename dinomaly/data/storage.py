@@ -91,6 +91,15 @@ def split_uri(uri: str) -> tuple[str, str]:
     raise ValueError(f"unsupported URI scheme '{scheme}://' in {uri!r}; use a local path, file://, s3:// or gs://")
 
 
+def storage_uri(path: str | None, storage_root: str) -> str | None:
+    """A path on Ray's storage as a full URI: Ray reports object-store paths as 'bucket/key', which would read
+    like a relative local folder; the scheme comes from the storage root (output_root)."""
+    scheme = split_uri(storage_root)[0]
+    if not path or not scheme or "://" in path:
+        return path
+    return f"{scheme}://{path}"
+
+
 def _endpoint_parts(endpoint_url: str) -> tuple[str | None, str]:
     """'http://127.0.0.1:9000' -> ('127.0.0.1:9000', 'http'); 'minio:9000' -> ('minio:9000', 'https')."""
     if not endpoint_url:

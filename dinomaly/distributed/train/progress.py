@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from dinomaly.data.storage import split_uri
+from dinomaly.data.storage import storage_uri
 from dinomaly.distributed.train.worker import data_wait
 from dinomaly.metrics import METRIC_NAMES
 from dinomaly.tables import format_table
@@ -76,15 +76,6 @@ def summary_lines(result: TrainResult) -> list[str]:
     if tracking.enabled:
         lines.append(f"browse runs: mlflow ui --backend-store-uri {tracking.tracking_uri}")
     return lines
-
-
-def storage_uri(path: str | None, storage_root: str) -> str | None:
-    """A path on Ray's storage as a full URI: Ray reports object-store paths as 'bucket/key', which would read
-    like a relative local folder; the scheme comes from the storage root (output_root)."""
-    scheme = split_uri(storage_root)[0]
-    if not path or not scheme or "://" in path:
-        return path
-    return f"{scheme}://{path}"
 
 
 def _record_lines(run: TrainResult) -> list[str]:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dinomaly.config import Config
+from dinomaly.data.storage import storage_uri
 from dinomaly.distributed.train.worker import data_wait
 from dinomaly.results import MetricsRecord
 
@@ -61,7 +62,8 @@ class TrainResult:
         if not best:
             return MetricsRecord.from_rows("train", self.rows, self.thresholds, **fields)
         # train.keep_best: the best evaluation, its checkpoint and version; the last one's beside them
-        fields.update(step=best["step"], describes="best", score=best["score"], checkpoint_uri=best["path"],
+        fields.update(step=best["step"], describes="best", score=best["score"],
+                      checkpoint_uri=storage_uri(best["path"], self.config.output_root),
                       model_version=best["model_version"], final_step=self.final_step,
                       last_checkpoint_uri=self.checkpoint_uri, last_model_version=self.model_version)
         return MetricsRecord.from_rows("train", best["rows"], best["thresholds"], **fields)

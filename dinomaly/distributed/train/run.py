@@ -26,6 +26,7 @@ import yaml
 
 from dinomaly.config import Config, apply_overrides, to_dict
 from dinomaly.data.manifest import load_manifest, select
+from dinomaly.data.storage import storage_uri
 from dinomaly.distributed.cluster import attaching_to_cluster, ensure_ray
 from dinomaly.distributed.resources import (
     check_resources,
@@ -256,7 +257,8 @@ def _train_one(config: Config, *, init_from: str, batches: list | None, stop_at_
     log, checkpoint = result.return_value, result.checkpoint
     written = Path(output_dir) if output_dir is not None and checkpoint is not None else None
     outcome = TrainResult(config=config, final_step=log.final_step, rows=log.rows, thresholds=log.thresholds,
-                          checkpoint_uri=checkpoint.path if checkpoint else None, mlflow_run_id=run_id,
+                          checkpoint_uri=storage_uri(checkpoint.path if checkpoint else None, config.output_root),
+                          mlflow_run_id=run_id,
                           model_version=log.model_version, data_errors=data_errors, output_dir=written, log=log)
     if written is not None:
         write_run_folder(outcome, checkpoint)
