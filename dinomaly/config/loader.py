@@ -173,7 +173,8 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any]]
 
 
 def help_text() -> str:
-    lines = ["config keys (override with --set key=value):"]
+    lines = ["config keys (override with --set key=value); the defaults shown are the built-in ones, and a preset",
+             "(--config demo, mvtec_uni, ...: configs/<preset>.yaml) sets some of them differently:"]
     for key, text, default in describe():
         lines.append(f"  {key} = {default!r}\n      {text}")
     return "\n".join(lines)
