@@ -201,12 +201,12 @@ def verify_manifest(table: pa.Table, data_config: DataConfig | None = None, stri
             for uri, data, mask_uri, mask_data in fetched:
                 reason = check_row(uri, data, mask_uri, mask_data, max_pixels)
                 if reason:
-                    _report_bad(uri, reason, strict)
+                    _fail_if_strict(uri, reason, strict)
                     bad.append((uri, reason))
     return bad
 
 
-def _report_bad(uri: str, reason: str, strict: bool) -> None:  # not logged: the caller lists bad rows once
+def _fail_if_strict(uri: str, reason: str, strict: bool) -> None:  # not logged: the caller lists bad rows once
     if strict:
         raise ValueError(f"bad row {uri} (data.strict=true): {reason}")
 
@@ -259,7 +259,7 @@ def _write_shard(table: pa.Table, plan: ShardPlan, shards: DataRoot, fingerprint
     for row, (uri, data, mask_uri, mask_data) in zip(plan.rows, _fetch_rows(table, plan.rows, data_config, pool)):
         reason = check_row(uri, data, mask_uri, mask_data, max_pixels)
         if reason:
-            _report_bad(uri, reason, strict)
+            _fail_if_strict(uri, reason, strict)
             bad.append((uri, reason))
         else:
             keep.append(row)
