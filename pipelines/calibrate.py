@@ -26,7 +26,8 @@ from dinomaly.config.cli import actor_settings, entry_parser, local_output, star
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = entry_parser(__doc__, flags=("config", "data", "output", "set", "model", "workers", "gpu"),
+    parser = entry_parser(__doc__, keys=("model", "data", "eval", "tracking", "cluster", "train.seed"),
+                          flags=("config", "data", "output", "set", "model", "workers", "gpu"),
                           required=("model", "data", "output"), set_example="--set eval.actors=2",
                           help={"data": "the new normal images: a .parquet manifest, a dataset layout root (folder) "
                                         "or an s3:// prefix; only label-0 rows are used",

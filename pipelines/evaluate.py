@@ -32,7 +32,8 @@ from dinomaly.config.cli import ACTOR_HELP, actor_settings, entry_parser, start_
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = entry_parser(__doc__, flags=("config", "data", "output", "set", "model", "workers", "gpu"),
+    parser = entry_parser(__doc__, keys=("model", "data", "eval", "tracking", "cluster", "serve.threshold", "serve.threshold_method", "train.seed"),
+                          flags=("config", "data", "output", "set", "model", "workers", "gpu"),
                           required=("model", "data"),
                           set_example="--set eval.actors=2 --set eval.pixel_metrics=streaming",
                           help={"config": "YAML preset name or path (required for official .pth weights)",

@@ -27,7 +27,8 @@ from dinomaly.config.cli import entry_parser, local_output, start_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = entry_parser(__doc__, flags=("config", "data", "output", "set", "model"), required=("model", "output"),
+    parser = entry_parser(__doc__, keys=("model", "data", "eval", "tracking", "serve.threshold", "serve.threshold_method"),
+                          flags=("config", "data", "output", "set", "model"), required=("model", "output"),
                           set_example="--set eval.resize=256",
                           help={"data": "held-out images for the check: a .parquet manifest (test rows first), a "
                                         "folder or an s3:// prefix; default: generated images",

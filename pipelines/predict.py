@@ -40,7 +40,8 @@ def score_threshold(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = entry_parser(__doc__, flags=("config", "data", "output", "set", "model", "workers", "gpu"),
+    parser = entry_parser(__doc__, keys=("model", "data", "eval", "tracking", "cluster", "serve.threshold", "serve.threshold_method"),
+                          flags=("config", "data", "output", "set", "model", "workers", "gpu"),
                           required=("model", "data", "output"), deprecated={"--input": "data"},
                           set_example="--set eval.actors=2 --set eval.gpus_per_actor=1",
                           help={"config": "YAML preset name or path (required for official .pth weights)",

@@ -43,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write the images (original bytes) and masks into Parquet shards with the manifest "
                              "columns, verifying each one (bad rows are listed and left out; data.strict=true "
                              "fails on the first); rerun to continue an interrupted pack")
-    parser.add_argument("--shard-mb", type=int, default=DEFAULT_SHARD_BYTES // 2**20,
-                        help="shard size in MB for --pack (default: %(default)s)")
+    parser.add_argument("--shard-mb", type=int, default=None,
+                        help=f"shard size in MB for --pack (default: {DEFAULT_SHARD_BYTES // 2**20})")
     parser.add_argument("--verify", action="store_true",
                         help="only check that every image decodes and every mask has its image's size (a packed "
                              "manifest: the bytes in its shards); exit 2 listing the bad rows")
@@ -66,6 +66,13 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--verify and --pack do not combine: --pack checks every row as it packs; drop --verify")
         if not args.output and not args.verify:
             raise ValueError("--output is required (except with --verify)")
+        if args.output and args.verify:
+            raise ValueError("--verify writes nothing, so --output would be ignored: drop --output, or drop "
+                             "--verify to write the manifest")
+        if args.shard_mb is not None and not args.pack:
+            raise ValueError("--shard-mb sizes the shards of --pack: add --pack, or drop --shard-mb")
+        if args.shard_mb is None:
+            args.shard_mb = DEFAULT_SHARD_BYTES // 2**20
         if args.shard_mb < 1:
             raise ValueError(f"--shard-mb {args.shard_mb} must be a positive number of MB "
                              f"(default {DEFAULT_SHARD_BYTES // 2**20})")

@@ -27,7 +27,8 @@ from dinomaly.distributed.serve import app as serving
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = entry_parser(__doc__, flags=("config", "set", "model", "workers", "gpu"), required=("model",),
+    parser = entry_parser(__doc__, keys=("model", "data", "eval", "serve", "tracking", "cluster"),
+                          flags=("config", "set", "model", "workers", "gpu"), required=("model",),
                           set_example="--set serve.threshold=0.05",
                           help={"config": "YAML preset name or path (serve, tracking and data sections)",
                                 "model": "the model to serve: a checkpoint folder, an s3:// prefix, "

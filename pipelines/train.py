@@ -32,7 +32,8 @@ FLAG_KEYS = {  # train's own flags -> config keys (the shared ones: cli.TRAINING
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = entry_parser(__doc__, flags=("config", "data", "name", "output", "set", "storage_path", "resume",
+    parser = entry_parser(__doc__, keys=("", "model", "data", "train", "eval", "tracking", "cluster", "tune.metrics"),
+                          flags=("config", "data", "name", "output", "set", "storage_path", "resume",
                                           "workers", "gpu"), defaults={"config": "demo"},
                           set_example="--set train.lr=1e-3 --set model.bottleneck_dropout=0.4",
                           help={"workers": "Ray Train workers = DDP ranks (train.num_workers)",

@@ -37,7 +37,8 @@ from dinomaly.config.cli import entry_parser, local_output, start_logging, train
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = entry_parser(__doc__, flags=("config", "data", "name", "output", "set", "storage_path", "resume",
+    parser = entry_parser(__doc__, keys=("", "model", "data", "train", "eval", "tracking", "tune", "cluster"),
+                          flags=("config", "data", "name", "output", "set", "storage_path", "resume",
                                           "workers", "gpu"), defaults={"config": "demo"},
                           deprecated={"--output-dir": "output"}, set_example="--set tune.max_concurrent_trials=2",
                           help={"name": "sweep name: Ray Tune experiment, MLflow parent run (name)",

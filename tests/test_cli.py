@@ -67,6 +67,24 @@ def test_every_pipeline_answers_help(capsys):
         assert "--debug" in capsys.readouterr().out, name
 
 
+def config_keys_in_help(name: str) -> set[str]:
+    return set(re.findall(r"^  ([\w.]+) = ", load_pipeline(name).build_parser().format_help(), re.M))
+
+
+def test_help_lists_the_config_keys_its_job_reads_and_every_key_is_listed_somewhere():
+    from dinomaly.config.loader import describe
+
+    shown = {name: config_keys_in_help(name) for name in ("train", "tune", "evaluate", "predict", "calibrate",
+                                                          "export", "serve")}
+    assert {"train.lr", "data.fast_decode", "tune.metrics", "name"} <= shown["train"]
+    assert not any(key.startswith("serve.") for key in shown["train"] | shown["tune"])
+    assert {"serve.port", "serve.threshold", "model.image_size"} <= shown["serve"]
+    assert not any(key.startswith(("train.", "tune.")) for key in shown["serve"])
+    assert {"eval.target_fpr", "train.seed"} <= shown["calibrate"] and "train.lr" not in shown["calibrate"]
+    assert "serve.threshold_method" in shown["predict"] and "serve.port" not in shown["predict"]
+    assert set().union(*shown.values()) == {key for key, _, _ in describe()}, "a key no --help explains"
+
+
 def test_readme_table_matches_the_parsers(flags_by_pipeline):
     table = readme_table()
     assert set(table) == {flag_name(dest) for dest in VOCABULARY}, "one row per vocabulary flag"

@@ -316,6 +316,16 @@ def test_prepare_data_refuses_verify_with_pack_and_speaks_of_shard_size_in_mb(mv
     assert "shard_bytes" not in err and "\n" not in err and not out.exists()
 
 
+def test_prepare_data_refuses_flags_its_mode_would_ignore(mvtec_root, tmp_path, capsys):
+    from pipelines.prepare_data import main
+
+    out = tmp_path / "m.parquet"
+    assert main(["--data", str(mvtec_root), "--verify", "--output", str(out)]) == 2
+    assert "drop --output" in capsys.readouterr().err and not out.exists()
+    assert main(["--data", str(mvtec_root), "--output", str(out), "--shard-mb", "64"]) == 2
+    assert "add --pack, or drop --shard-mb" in capsys.readouterr().err and not out.exists()
+
+
 def test_each_bad_row_is_printed_once_and_a_long_list_is_cut(tmp_path, capsys, caplog, monkeypatch):
     import pipelines.prepare_data as prepare_data
 

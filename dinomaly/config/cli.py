@@ -110,18 +110,20 @@ def flag_name(dest: str) -> str:
 def entry_parser(doc: str | None, *, flags: Iterable[str], required: Iterable[str] = (),
                  help: Mapping[str, str] | None = None, defaults: Mapping[str, Any] | None = None,
                  deprecated: Mapping[str, str] | None = None, set_example: str = "",
-                 keys: bool = True) -> EntryParser:
+                 keys: bool | Iterable[str] = True) -> EntryParser:
     """A parser with the named VOCABULARY flags (and --debug) in one order and wording.
 
     help: this pipeline's text for a flag whose meaning differs here; defaults: flag -> default;
     deprecated: old option string -> the flag it now spells; set_example: appended to --set's help;
-    keys=True lists every config key with its meaning after the flags. Add pipeline-only flags after it.
+    keys: the config keys listed with their meaning after the flags: True every one, or the sections and keys
+    the job reads (see help_text), False none. Add pipeline-only flags after it.
     """
     wanted, help, defaults = {*flags, "debug"}, dict(help or {}), dict(defaults or {})
     unknown = wanted - VOCABULARY.keys()
     if unknown:
         raise ValueError(f"not vocabulary flags: {sorted(unknown)}; add them with parser.add_argument")
-    parser = EntryParser(description=doc, epilog=help_text() if keys else None, required=required,
+    epilog = help_text(None if keys is True else keys) if keys else None
+    parser = EntryParser(description=doc, epilog=epilog, required=required,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     for dest, (kwargs, text) in VOCABULARY.items():
         if dest not in wanted:

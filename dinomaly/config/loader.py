@@ -11,6 +11,7 @@ import difflib
 import re
 import types
 import typing
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -172,9 +173,24 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any]]
     return rows
 
 
-def help_text() -> str:
+def help_text(reads: Iterable[str] | None = None) -> str:
+    """The config part of --help. reads: the sections ("model") and keys ("tune.metrics") a job uses, "" for
+    the top-level keys; None lists every key."""
+    rows = describe()
+    if reads is not None:
+        wanted = tuple(reads)
+        rows = [row for row in rows if any(_within(row[0], part) for part in wanted)]
     lines = ["config keys (override with --set key=value); the defaults shown are the built-in ones, and a preset",
              "(--config demo, mvtec_uni, ...: configs/<preset>.yaml) sets some of them differently:"]
-    for key, text, default in describe():
+    for key, text, default in rows:
         lines.append(f"  {key} = {default!r}\n      {text}")
+    if reads is not None:
+        lines.append(f"  (only the {len(rows)} keys this job reads; the other {len(describe()) - len(rows)} are for "
+                     "other pipelines: tune.py --help lists training's and tuning's, serve.py --help serving's)")
     return "\n".join(lines)
+
+
+def _within(key: str, part: str) -> bool:
+    if part == "":
+        return "." not in key
+    return key == part or key.startswith(part + ".")
