@@ -84,8 +84,8 @@ def test_s3_output_gets_every_file_and_no_local_folder(setup, exact_run, ray_ses
     assert rc == 0
     client = moto_s3.client()
     listed = client.list_objects_v2(Bucket=moto_s3.bucket, Prefix="eval-out/").get("Contents", [])
-    # keys ending in '/' are folder markers (pyarrow's copy_files makes them); no file of ours ends so
-    keys = {item["Key"].removeprefix("eval-out/") for item in listed if not item["Key"].endswith("/")}
+    keys = {item["Key"].removeprefix("eval-out/") for item in listed}
+    assert not [key for key in keys if key.endswith("/")], "empty folder-marker objects"
     heatmaps = {k for k in keys if k.startswith("heatmaps/")}
     assert keys - heatmaps == {"metrics.json", "per_class.txt", "per_class.csv", "per_class.md", "scores.parquet"}
     for name in CLASSES:
@@ -119,6 +119,24 @@ def test_unwritable_output_fails_before_any_ray_work(setup, moto_s3, tmp_path, m
         rc = evaluate_cli.main(["--model", str(checkpoint), "--data", str(root), "--output", output])
         err = capsys.readouterr().err
         assert rc == 2 and expected in err, err
+
+
+def test_the_write_probe_leaves_a_prefix_as_it_found_it(moto_s3):
+    """check_output's probe object goes, and in a new prefix so does the empty marker pyarrow writes when it
+    deletes it; files already under the prefix stay (beside that marker: pyarrow cannot delete it alone)."""
+    from dinomaly.config import Config
+    from dinomaly.distributed.batch.evaluate import check_output
+
+    client, bucket = moto_s3.client(), moto_s3.bucket
+
+    def keys(prefix: str) -> list[str]:
+        return sorted(o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", []))
+
+    check_output(moto_s3.uri("probe/fresh"), Config())
+    assert keys("probe/") == []
+    client.put_object(Bucket=bucket, Key="probe/kept/old.json", Body=b"{}")
+    check_output(moto_s3.uri("probe/kept"), Config())
+    assert set(keys("probe/")) - {"probe/kept/"} == {"probe/kept/old.json"}
 
 
 def test_class_streams_equal_all_in_memory_and_free_each_class():

@@ -61,9 +61,13 @@ def test_settings_come_from_config_then_aws_variables(monkeypatch):
     assert StorageOptions.resolve(None).endpoint_url == "http://generic:1"
 
 
-def test_local_and_s3_list_and_read_the_same_files(tree, uploaded):
+def test_local_and_s3_list_and_read_the_same_files(tree, uploaded, moto_s3):
     count, s3_root = uploaded
     assert count == 4  # hidden files are uploaded too, but never listed
+    keys = [obj["Key"] for obj in moto_s3.client().list_objects_v2(
+        Bucket=moto_s3.bucket, Prefix="storage/tree/")["Contents"]]
+    assert sorted(keys) == ["storage/tree/.hidden", "storage/tree/a/b/two.JPG", "storage/tree/a/one.png",
+                            "storage/tree/notes.txt"], "one object per file, no empty folder markers"
     local = list_files(str(tree), [".png", ".jpg"])
     remote = list_files(s3_root, [".png", ".jpg"])
     assert [u.removeprefix(str(tree)) for u in local] == [u.removeprefix(s3_root) for u in remote] == \

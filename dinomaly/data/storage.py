@@ -17,7 +17,9 @@ import configparser
 import functools
 import logging
 import os
+import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -29,6 +31,8 @@ from dinomaly.config import DataConfig
 logger = logging.getLogger(__name__)
 
 READ_ATTEMPTS = 4  # read_bytes: whole-file attempts, on top of the SDK's per-request retries
+UPLOAD_THREADS = 16  # upload_tree to an object store: files in flight (each a round trip or more)
+UPLOAD_CHUNK_BYTES = 8 * 1024**2
 S3_REQUEST_ATTEMPTS = 5  # pyarrow's AwsStandardS3RetryStrategy: throttling, 5xx, dropped connections
 _BACKOFF_S = 0.2
 
@@ -194,11 +198,39 @@ def upload_tree(local_root: str | os.PathLike, dest_uri: str,
     scheme = split_uri(dest_uri)[0]
     if scheme:  # the bucket must exist; a local destination is created
         check_reachable(f"{scheme}://{dest.split('/', 1)[0]}", data_config)
-    pafs.copy_files(str(root), dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=dest_fs,
-                    use_threads=True)
-    count = sum(1 for p in root.rglob("*") if p.is_file())
+    files = [p for p in root.rglob("*") if p.is_file()]
+    if scheme:  # one object per file: copy_files would also leave an empty marker object for every folder
+        def put(path: Path) -> None:
+            with path.open("rb") as source, dest_fs.open_output_stream(f"{dest}/{path.relative_to(root).as_posix()}"
+                                                                       ) as target:
+                shutil.copyfileobj(source, target, UPLOAD_CHUNK_BYTES)
+
+        with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
+            list(pool.map(put, files))
+    else:
+        pafs.copy_files(str(root), dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=dest_fs,
+                        use_threads=True)
+    count = len(files)
     logger.info("uploaded %d files from %s to %s", count, root, dest_uri)
     return count
+
+
+def delete_object(fs: pafs.FileSystem, path: str) -> None:
+    """Delete one object, and the folder markers deleting it leaves where no file remains.
+
+    pyarrow's S3 filesystem writes an empty marker object for the parent folder of what it deletes (a folder
+    that holds files keeps it: pyarrow cannot delete a marker alone); the highest folder below the bucket that
+    holds no file is removed whole."""
+    fs.delete_file(path)
+    if not isinstance(fs, pafs.S3FileSystem):
+        return
+    parts = path.split("/")[:-1]  # bucket, folders...
+    for depth in range(2, len(parts) + 1):  # from the top folder down: the first empty one holds the rest
+        folder = "/".join(parts[:depth])
+        inside = fs.get_file_info(pafs.FileSelector(folder, recursive=True, allow_not_found=True))
+        if not any(info.type == pafs.FileType.File for info in inside):
+            fs.delete_dir(folder)
+            return
 
 
 def _check_profile(options: StorageOptions) -> None:

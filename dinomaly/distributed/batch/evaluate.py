@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from dinomaly.calibration import ThresholdTable, labelled_summary, stored_table
 from dinomaly.config import Config
 from dinomaly.data.manifest import load_manifest, select
-from dinomaly.data.storage import check_reachable, filesystem_for, split_uri, upload_tree
+from dinomaly.data.storage import check_reachable, delete_object, filesystem_for, split_uri, upload_tree
 from dinomaly.distributed.batch.scoring import ModelBundle, ScoreSpec, add_decisions, score_rows
 from dinomaly.metrics import METRIC_NAMES, MetricAccumulator
 from dinomaly.results import MetricsRecord, replace_atomically, write_metrics_json
@@ -341,7 +341,7 @@ def check_output(output: str, config: Config) -> None:
     try:
         with fs.open_output_stream(probe) as stream:
             stream.write(b"")
-        fs.delete_file(probe)
+        delete_object(fs, probe)
     except OSError as err:
         raise PermissionError(f"cannot write to --output {output} ({str(err).strip()}); check that the "
                               "credentials may write to that bucket, or choose another --output") from err
