@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from dinomaly.config import apply_overrides, load_config
-from dinomaly.config.cli import entry_parser, start_logging
+from dinomaly.config.cli import entry_parser, refuse_both, start_logging
 from dinomaly.data.layouts import LAYOUTS
 from dinomaly.data.manifest import format_counts, load_manifest, read_manifest, write_manifest
 from dinomaly.data.pack import DEFAULT_SHARD_BYTES, MAX_LISTED, pack_manifest, packed_layout, verify_manifest
@@ -79,8 +80,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.output:
             check_job_storage({"--output": args.output})
         categories = [c.strip() for c in args.categories.split(",") if c.strip()]
-        return apply_overrides(load_config(args.config, args.set), {
+        refuse_both(args.set, {flag: key for flag, key, given in (
+            ("categories", "data.categories", categories), ("layout", "data.layout", args.layout != "auto"),
+            ("upload_to", "data.root", args.upload_to), ("data", "data.root", True)) if given})
+        config = apply_overrides(load_config(args.config, args.set), {
             "data.root": args.upload_to or args.data, "data.layout": args.layout, "data.categories": categories})
+        if args.output:
+            check_manifest_output(args.output, args.pack, config.data)
+        return config
 
     def run(config) -> int:  # a bad layout or a missing mask: one line, exit 2 (run_job)
         if args.upload_to:
@@ -107,6 +114,25 @@ def main(argv: list[str] | None = None) -> int:
 
     resume = f"run the same command again to resume the pack (finished shards under {args.output} are kept)"
     return run_job(check, run, debug=args.debug, interrupted=resume if args.pack else "")
+
+
+def check_manifest_output(output: str, packing: bool, data_config) -> None:
+    """--output names a .parquet file (with --pack also a folder) that can be written: checked before indexing."""
+    from dinomaly.data.storage import check_reachable, split_uri
+
+    scheme, path = split_uri(output)
+    if not packing and not scheme and Path(path).is_dir():
+        raise ValueError(f"--output {output} is a folder; name the manifest file, e.g. {Path(path) / 'manifest.parquet'}")
+    if not packing and not path.endswith(".parquet"):
+        raise ValueError(f"--output {output}: a manifest is a Parquet file; name it <something>.parquet")
+    if scheme:  # the bucket must exist; the key may be new
+        check_reachable(f"{scheme}://{path.split('/', 1)[0]}", data_config)
+        return
+    parent = Path(path).parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"--output {output}: {parent} is a file, not a folder; choose another --output")
 
 
 def print_bad(label: str, bad: list, count: int, where: str = "") -> None:

@@ -122,6 +122,42 @@ def test_old_spellings_still_work_with_a_deprecation_message(pipeline, argv, des
     assert "deprecated" in err and flag_name(dest) in err
 
 
+def test_an_old_spelling_beside_the_new_one_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_pipeline("tune").build_parser().parse_args(["--output-dir", "x", "--output", "y"])
+    assert exit_info.value.code == 2
+    assert "--output-dir and --output are the same option" in capsys.readouterr().err
+
+
+def test_a_flag_and_a_set_of_its_key_are_refused_together():
+    tune = load_pipeline("tune")
+    args = tune.build_parser().parse_args(["--workers", "2", "--set", "train.num_workers=4"])
+    with pytest.raises(ValueError, match="--workers and --set train.num_workers=... both set train.num_workers"):
+        tune.config_from_args(args)
+    from dinomaly.config.cli import actor_settings
+
+    args = load_pipeline("evaluate").build_parser().parse_args(["--model", "m", "--data", "d", "--workers", "2",
+                                                                 "--set", "eval.actors=3"])
+    with pytest.raises(ValueError, match="--workers and --set eval.actors"):
+        actor_settings(args)
+
+
+def test_prepare_data_refuses_outputs_it_cannot_write_before_indexing(tmp_path, capsys):
+    prepare_data = load_pipeline("prepare_data")
+    data = tmp_path / "no-such-data"  # never read: every refusal below comes first
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for argv, expected in (
+            (["--output", str(tmp_path / "m.csv")], "a manifest is a Parquet file"),
+            (["--output", str(tmp_path)], "is a folder; name the manifest file"),
+            (["--output", str(blocker / "m.parquet")], "is a file, not a folder"),
+            (["--output", str(tmp_path / "m.parquet"), "--categories", "a", "--set", "data.categories=[b]"],
+             "--categories and --set data.categories")):
+        assert prepare_data.main(["--data", str(data), *argv]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and err.count("\n") == 1, err
+
+
 def test_tune_takes_the_training_vocabulary():
     tune = load_pipeline("tune")
     args = tune.build_parser().parse_args(["--data", "/d/m.parquet", "--output", "/o/sweep", "--name", "s1",

@@ -86,7 +86,14 @@ class EntryParser(argparse.ArgumentParser):
         sys.exit(2)
 
     def parse_args(self, args=None, namespace=None):  # type: ignore[override]
-        parsed = super().parse_args(args, namespace)
+        argv = list(sys.argv[1:] if args is None else args)
+        parsed = super().parse_args(argv, namespace)
+        for action in self._actions:  # an old spelling beside the new one: one would silently win
+            if isinstance(action, _Deprecated):
+                new = flag_name(action.dest)
+                old = [a for a in argv if a.split("=", 1)[0] in action.option_strings]
+                if old and any(a.split("=", 1)[0] == new for a in argv):
+                    self.error(f"{old[0].split('=', 1)[0]} and {new} are the same option; give {new} once")
         missing = [flag_name(dest) for dest in self.required_flags if getattr(parsed, dest, None) is None]
         if missing:
             self.error(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required")
@@ -163,6 +170,8 @@ def training_config(args: argparse.Namespace, keys: Mapping[str, str] | None = N
     config = load_config(args.config, args.set)
     mapping = {**TRAINING_KEYS, **(keys or {})}
     overrides = {key: getattr(args, flag) for flag, key in mapping.items() if getattr(args, flag, None) is not None}
+    flags = {key: flag for flag, key in mapping.items() if key in overrides}
+    refuse_both(args.set, {flags[key]: key for key in overrides})
     if getattr(args, "gpu", None) and "train.precision" not in set_keys(args.set):
         overrides["train.precision"] = "bf16"
     output, storage = getattr(args, "output", None), getattr(args, "storage_path", None)
@@ -171,10 +180,20 @@ def training_config(args: argparse.Namespace, keys: Mapping[str, str] | None = N
     return apply_overrides(config, overrides)
 
 
+def refuse_both(overrides: Iterable[str], flag_keys: Mapping[str, str]) -> None:
+    """A flag and a --set of the config key it sets, both given: the flag would silently win."""
+    given = set_keys(overrides)
+    for flag, key in flag_keys.items():
+        if key in given:
+            raise ValueError(f"{flag_name(flag)} and --set {key}=... both set {key}; give one of them")
+
+
 def actor_settings(args: argparse.Namespace) -> list[str]:
     """--set texts of a job scored by model actors (evaluate, predict, calibrate): the user's --set, then
     --workers as eval.actors and --gpu as eval.gpus_per_actor=1."""
     settings = list(args.set)
+    refuse_both(settings, {flag: key for flag, key in (("workers", "eval.actors"), ("gpu", "eval.gpus_per_actor"))
+                           if getattr(args, flag, None) is not None})
     if getattr(args, "workers", None) is not None:
         settings.append(f"eval.actors={args.workers}")
     if getattr(args, "gpu", None):
