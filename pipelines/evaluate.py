@@ -28,7 +28,7 @@ import argparse
 import sys
 
 import dinomaly.distributed  # noqa: F401 - sets Ray's loopback environment before Ray is imported
-from dinomaly.config.cli import ACTOR_HELP, actor_settings, entry_parser, start_logging
+from dinomaly.config.cli import ACTOR_HELP, actor_settings, at_least, entry_parser, start_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "output": "folder or s3:// prefix that receives metrics.json, per_class.*, "
                                           "scores.parquet and heatmaps/ (default runs/evaluate-<model name>)",
                                 **ACTOR_HELP})
-    parser.add_argument("--heatmaps", type=int, default=0, metavar="N",
+    parser.add_argument("--heatmaps", type=at_least(0), default=0, metavar="N",
                         help="overlays of the N highest-scored normal and defective images per class")
     parser.add_argument("--mlflow", action="store_true", help="log metrics and outputs to MLflow (tracking.*)")
     return parser

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 import dinomaly.distributed  # noqa: F401 - sets Ray's loopback environment before Ray is imported
-from dinomaly.config.cli import entry_parser, local_output, start_logging
+from dinomaly.config.cli import at_least, entry_parser, local_output, start_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "missing parent folders are created"})
     add = parser.add_argument
     add("--format", required=True, choices=("onnx", "openvino"), help="onnx (onnxruntime) or openvino")
-    add("--images", type=int, default=16, metavar="N", help="held-out images checked before writing (default 16)")
-    add("--threads", type=int, default=None, metavar="N", help="runtime threads for the check (default: all)")
+    add("--images", type=at_least(1), default=16, metavar="N", help="held-out images checked before writing (default 16)")
+    add("--threads", type=at_least(1), default=None, metavar="N", help="runtime threads for the check (default: all)")
     return parser
 
 

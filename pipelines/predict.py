@@ -25,7 +25,7 @@ import math
 import sys
 
 import dinomaly.distributed  # noqa: F401 - sets Ray's loopback environment before Ray is imported
-from dinomaly.config.cli import ACTOR_HELP, actor_settings, entry_parser, start_logging
+from dinomaly.config.cli import ACTOR_HELP, actor_settings, at_least, entry_parser, start_logging
 
 
 def score_threshold(text: str) -> float:
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
              "(default: the model's own)")
     add("--heatmaps", action="store_true", help="write an overlay PNG per image")
     add("--overwrite", action="store_true", help="delete an existing output instead of resuming")
-    add("--rows-per-file", type=int, default=2000, metavar="N",
+    add("--rows-per-file", type=at_least(1), default=2000, metavar="N",
         help="rows per Parquet part (default 2000); a killed run loses at most the unwritten ones")
     return parser
 

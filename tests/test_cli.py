@@ -158,6 +158,18 @@ def test_prepare_data_refuses_outputs_it_cannot_write_before_indexing(tmp_path, 
         assert expected in err and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("pipeline, argv", [
+    ("evaluate", ["--model", "m", "--data", "d", "--heatmaps", "-3"]),
+    ("export", ["--model", "m", "--output", "o", "--threads", "0"]),
+    ("predict", ["--model", "m", "--data", "d", "--output", "o", "--rows-per-file", "0"]),
+])
+def test_counts_below_their_minimum_are_refused_by_the_parser(pipeline, argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_pipeline(pipeline).build_parser().parse_args(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"argument {argv[-2]}: " in err and "is below" in err, err
+
+
 def test_tune_takes_the_training_vocabulary():
     tune = load_pipeline("tune")
     args = tune.build_parser().parse_args(["--data", "/d/m.parquet", "--output", "/o/sweep", "--name", "s1",

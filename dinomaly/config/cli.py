@@ -155,6 +155,21 @@ def vocabulary_of(parser: argparse.ArgumentParser) -> set[str]:
             for option in action.option_strings if option in names}
 
 
+def at_least(minimum: int):
+    """An argparse type: an integer >= minimum (argparse then names the flag in its one-line error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}; give a whole number >= {minimum}")
+        return value
+
+    parse.__name__ = "integer"  # argparse's 'invalid <name> value' wording, should it ever show
+    return parse
+
+
 def set_keys(overrides: Iterable[str]) -> set[str]:
     """The config keys a list of --set KEY=VALUE texts sets."""
     return {text.split("=", 1)[0].strip() for text in overrides}
