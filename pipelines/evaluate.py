@@ -54,9 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     from dinomaly.distributed.batch import evaluate
     from dinomaly.distributed.cluster import check_job_storage
     from dinomaly.distributed.entry import run_job
+    from dinomaly.distributed.resources import check_local_gpus
 
     def check():
         bundle, table = evaluate.prepare(args.model, args.data, args.config, actor_settings(args))
+        check_local_gpus(bundle.config.eval.gpus_per_actor, "eval.gpus_per_actor (--gpu)")
         output = evaluate.output_uri(bundle, args.output)
         check_job_storage({"--output": output}, bundle.config.tracking.tracking_uri if args.mlflow else None)
         evaluate.check_output(output, bundle.config)

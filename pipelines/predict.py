@@ -67,11 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     from dinomaly.distributed.batch import predict
     from dinomaly.distributed.cluster import check_job_storage
     from dinomaly.distributed.entry import run_job
+    from dinomaly.distributed.resources import check_local_gpus
 
     def check():
         check_job_storage({"--output": args.output})
-        return predict.prepare(args.model, args.data, args.config, actor_settings(args), args.threshold,
-                               args.rows_per_file)
+        job = predict.prepare(args.model, args.data, args.config, actor_settings(args), args.threshold,
+                              args.rows_per_file)
+        check_local_gpus(job.bundle.config.eval.gpus_per_actor, "eval.gpus_per_actor (--gpu)")
+        return job
 
     return run_job(check, lambda job: predict.run(job, args.output, heatmaps=args.heatmaps, overwrite=args.overwrite,
                                                   rows_per_file=args.rows_per_file), debug=args.debug,

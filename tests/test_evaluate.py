@@ -121,6 +121,25 @@ def test_unwritable_output_fails_before_any_ray_work(setup, moto_s3, tmp_path, m
         assert rc == 2 and expected in err, err
 
 
+def test_gpu_asked_of_a_local_ray_without_gpus_fails_before_any_ray_work(setup, monkeypatch, capsys):
+    import ray._private.utils
+    import torch
+
+    from dinomaly.distributed.batch import evaluate
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("the evaluation ran although no GPU is there")
+
+    monkeypatch.setattr(evaluate, "run", no_run)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray._private.utils, "read_ray_address", lambda *a, **k: None)  # no running Ray to join
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    root, checkpoint, _, _ = setup
+    assert evaluate_cli.main(["--model", str(checkpoint), "--data", str(root), "--gpu"]) == 2
+    err = capsys.readouterr().err
+    assert "eval.gpus_per_actor (--gpu) asks for 1 GPU(s) but this machine has 0; drop --gpu" in err, err
+
+
 def test_the_write_probe_leaves_a_prefix_as_it_found_it(moto_s3):
     """check_output's probe object goes, and in a new prefix so does the empty marker pyarrow writes when it
     deletes it; files already under the prefix stay (beside that marker: pyarrow cannot delete it alone)."""

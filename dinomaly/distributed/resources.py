@@ -274,6 +274,22 @@ def start_timeout_error(request: Request, timeout_s: float) -> ResourcesUnavaila
 _data_wait_set: int | None = None
 
 
+def check_local_gpus(gpus: float, what: str) -> None:
+    """Before Ray starts: a local Ray that this job starts itself has this machine's GPUs only, so a GPU request
+    (what: the setting that asks for it) that this machine cannot meet is refused here, not after Ray starts.
+    Joining a running cluster (RAY_ADDRESS, or `ray start` on this machine) skips the check: Ray knows its GPUs."""
+    from ray._private.utils import read_ray_address  # where ray.init() looks when given no address
+
+    if gpus <= 0 or os.environ.get("RAY_ADDRESS") or read_ray_address():
+        return
+    import torch
+
+    have = torch.cuda.device_count()
+    if have < gpus:
+        raise ValueError(f"{what} asks for {number_text(gpus)} GPU(s) but this machine has {have}; drop --gpu, "
+                         "or submit the job to a Ray cluster with GPUs (ray job submit)")
+
+
 def wait_for_batch_resources(config: Config, what: str, on_progress: Callable[[str], None] | None = None) -> None:
     """Before an evaluate/predict run: wait (bounded) for its actor pool's resources, and bound Ray Data's
     own wait for the pool's actors (DataContext.wait_for_min_actors_s, default -1 = forever) to
