@@ -75,6 +75,10 @@ def test_unknown_category_empty_class_and_missing_root(mvtec_root, tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match=str(missing)):
         read_layout(str(missing), "auto")
+    not_a_manifest = tmp_path / "m.csv"  # a manifest written under another name is not "missing"
+    not_a_manifest.write_text("")
+    with pytest.raises(ValueError, match="is a file but neither a dataset folder nor a manifest"):
+        read_layout(str(not_a_manifest), "auto")
 
 
 def test_auto_detection_finds_every_layout(mvtec_root, visa_raw_root, visa_1cls_root, realiad_root, folder_root):

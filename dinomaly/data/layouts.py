@@ -310,6 +310,9 @@ def read_layout(root: str, layout: str = "auto", categories: Sequence[str] | Non
     except OSError as err:  # S3: no such bucket, access denied, bad endpoint or credentials
         raise FileNotFoundError(f"cannot list the dataset root {data.uri}: {err}; check the bucket name, the "
                                 "endpoint (data.endpoint_url / AWS_ENDPOINT_URL) and the credentials") from err
+    if not exists and data.fs.get_file_info(data.base).type == pafs.FileType.File:
+        raise ValueError(f"--data {data.uri} is a file but neither a dataset folder nor a manifest (a manifest's "
+                         "name ends in .parquet); point --data at the dataset root or at a .parquet manifest")
     if not exists:
         raise FileNotFoundError(f"dataset root {data.uri} does not exist (or is an empty bucket prefix); "
                                 "check --data (data.root)")
