@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start_logging()
+    from dinomaly.data.storage import check_output_writable
     from dinomaly.distributed.batch import evaluate
     from dinomaly.distributed.cluster import check_job_storage
     from dinomaly.distributed.entry import run_job
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         check_local_gpus(bundle.config.eval.gpus_per_actor, "eval.gpus_per_actor (--gpu)")
         output = evaluate.output_uri(bundle, args.output)
         check_job_storage({"--output": output}, bundle.config.tracking.tracking_uri if args.mlflow else None)
-        evaluate.check_output(output, bundle.config)
+        check_output_writable(output, bundle.config.data)
         return bundle, table
 
     return run_job(check, lambda checked: evaluate.run(*checked, args.output, heatmaps=args.heatmaps,

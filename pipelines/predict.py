@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start_logging()
+    from dinomaly.data.storage import check_output_writable
     from dinomaly.distributed.batch import predict
     from dinomaly.distributed.cluster import check_job_storage
     from dinomaly.distributed.entry import run_job
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         job = predict.prepare(args.model, args.data, args.config, actor_settings(args), args.threshold,
                               args.rows_per_file)
         check_local_gpus(job.bundle.config.eval.gpus_per_actor, "eval.gpus_per_actor (--gpu)")
+        check_output_writable(args.output, job.bundle.config.data)
         return job
 
     return run_job(check, lambda job: predict.run(job, args.output, heatmaps=args.heatmaps, overwrite=args.overwrite,

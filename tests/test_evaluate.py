@@ -141,20 +141,20 @@ def test_gpu_asked_of_a_local_ray_without_gpus_fails_before_any_ray_work(setup, 
 
 
 def test_the_write_probe_leaves_a_prefix_as_it_found_it(moto_s3):
-    """check_output's probe object goes, and in a new prefix so does the empty marker pyarrow writes when it
+    """check_output_writable's probe object goes, and in a new prefix so does the empty marker pyarrow writes when it
     deletes it; files already under the prefix stay (beside that marker: pyarrow cannot delete it alone)."""
     from dinomaly.config import Config
-    from dinomaly.distributed.batch.evaluate import check_output
+    from dinomaly.data.storage import check_output_writable as check_output
 
     client, bucket = moto_s3.client(), moto_s3.bucket
 
     def keys(prefix: str) -> list[str]:
         return sorted(o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", []))
 
-    check_output(moto_s3.uri("probe/fresh"), Config())
+    check_output(moto_s3.uri("probe/fresh"), Config().data)
     assert keys("probe/") == []
     client.put_object(Bucket=bucket, Key="probe/kept/old.json", Body=b"{}")
-    check_output(moto_s3.uri("probe/kept"), Config())
+    check_output(moto_s3.uri("probe/kept"), Config().data)
     assert set(keys("probe/")) - {"probe/kept/"} == {"probe/kept/old.json"}
 
 

@@ -184,6 +184,20 @@ def test_a_missing_or_imageless_folder_is_named(model_and_images, tmp_path):
         predict.prepare(checkpoint, str(tmp_path / "notes"), None, [], None, 100)
 
 
+def test_an_output_that_is_a_file_fails_before_any_ray_work(model_and_images, tmp_path, monkeypatch, capsys):
+    from dinomaly.distributed.batch import predict
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("predict ran although its output cannot be written")
+
+    monkeypatch.setattr(predict, "run", no_run)
+    checkpoint, folder = str(model_and_images[0]), str(model_and_images[1])
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert predict_cli.main(["--model", checkpoint, "--data", folder, "--output", str(blocker)]) == 2
+    assert "is not a writable folder; choose another --output" in capsys.readouterr().err
+
+
 def test_s3_input_and_output_resume(model_and_images, ray_session, moto_s3):
     checkpoint, images, threshold = model_and_images
     source = moto_s3.upload(images, "predict-in")

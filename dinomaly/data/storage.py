@@ -215,6 +215,29 @@ def upload_tree(local_root: str | os.PathLike, dest_uri: str,
     return count
 
 
+def check_output_writable(output: str, data_config: DataConfig | StorageOptions | None = None) -> None:
+    """Fail before any cluster work when the folder or prefix `output` cannot be written. An object-store prefix
+    gets a probe object, written and deleted: reachable, readable credentials may still lack write permission."""
+    scheme, path = split_uri(output)
+    if not scheme:
+        existing = Path(path)
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK):
+            raise PermissionError(f"cannot write --output {path}: {existing} is not a writable folder; "
+                                  "choose another --output")
+        return
+    check_reachable(f"{scheme}://{path.split('/', 1)[0]}", data_config)  # the bucket; the prefix may be new
+    fs, probe = filesystem_for(f"{output}/.write-check", data_config)
+    try:
+        with fs.open_output_stream(probe) as stream:
+            stream.write(b"")
+        delete_object(fs, probe)
+    except OSError as err:
+        raise PermissionError(f"cannot write to --output {output} ({str(err).strip()}); check that the "
+                              "credentials may write to that bucket, or choose another --output") from err
+
+
 def delete_object(fs: pafs.FileSystem, path: str) -> None:
     """Delete one object, and the folder markers deleting it leaves where no file remains.
 

@@ -15,7 +15,6 @@ import heapq
 import itertools
 import logging
 import math
-import os
 import tempfile
 import time
 from collections import Counter
@@ -32,7 +31,7 @@ import pyarrow.parquet as pq
 from dinomaly.calibration import ThresholdTable, labelled_summary, stored_table
 from dinomaly.config import Config
 from dinomaly.data.manifest import load_manifest, select
-from dinomaly.data.storage import check_reachable, delete_object, filesystem_for, split_uri, upload_tree
+from dinomaly.data.storage import split_uri, upload_tree
 from dinomaly.distributed.batch.scoring import ModelBundle, ScoreSpec, add_decisions, score_rows
 from dinomaly.metrics import METRIC_NAMES, MetricAccumulator
 from dinomaly.results import MetricsRecord, replace_atomically, write_metrics_json
@@ -322,29 +321,6 @@ def output_uri(bundle: ModelBundle, output: str | Path | None) -> str:
     """--output as given (a folder or an s3:// / gs:// prefix), else runs/evaluate-<model name>."""
     text = str(output or f"runs/evaluate-{bundle.name or 'model'}")
     return text.rstrip("/") or text
-
-
-def check_output(output: str, config: Config) -> None:
-    """Fail before any Ray work when `output` cannot be written. An object-store prefix gets a probe object,
-    written and deleted: reachable, readable credentials may still lack write permission."""
-    scheme, path = split_uri(output)
-    if not scheme:
-        existing = Path(path)
-        while not existing.exists():
-            existing = existing.parent
-        if not existing.is_dir() or not os.access(existing, os.W_OK):
-            raise PermissionError(f"cannot write --output {path}: {existing} is not a writable folder; "
-                                  "choose another --output")
-        return
-    check_reachable(f"{scheme}://{path.split('/', 1)[0]}", config.data)  # the bucket; the prefix may be new
-    fs, probe = filesystem_for(f"{output}/.write-check", config.data)
-    try:
-        with fs.open_output_stream(probe) as stream:
-            stream.write(b"")
-        delete_object(fs, probe)
-    except OSError as err:
-        raise PermissionError(f"cannot write to --output {output} ({str(err).strip()}); check that the "
-                              "credentials may write to that bucket, or choose another --output") from err
 
 
 @contextmanager
