@@ -41,6 +41,15 @@ def test_mvtec_counts_labels_and_masks_paired_by_name(mvtec_root):
     assert {r.defect for r in records if r.label} == {"broken", "scratch"}
 
 
+def test_a_folder_without_train_or_test_is_left_out_with_a_warning(mvtec_root, caplog):
+    (mvtec_root / "half_copied").mkdir()
+    with caplog.at_level("WARNING"):
+        records = read_layout(str(mvtec_root), "mvtec")
+    assert "half_copied" not in {r.category for r in records}
+    assert "left out 1 folder(s)" in caplog.text and "half_copied" in caplog.text
+    (mvtec_root / "half_copied").rmdir()
+
+
 def test_mpdd_and_auto_detection_read_the_same_records(mvtec_root):
     assert read_layout(str(mvtec_root), "mpdd") == read_layout(str(mvtec_root), "auto")
 

@@ -84,10 +84,15 @@ def _read_mvtec_class(data: DataRoot, cls: str) -> list[ImageRecord]:
 
 def read_mvtec(data: DataRoot, categories: Sequence[str] | None = None) -> list[ImageRecord]:
     """MVTec AD, MPDD and prepared VisA (`1cls`): <cls>/train/good, test/<defect>, ground_truth/<defect>."""
-    found = [d for d in data.subdirs("") if {"train", "test"} & set(data.subdirs(d))]
+    found, other = [], []
+    for d in data.subdirs(""):
+        (found if {"train", "test"} & set(data.subdirs(d)) else other).append(d)
     if not found:
         raise ValueError(f"no <class>/train or <class>/test folders under {data.uri}; is this an MVTec-layout "
                          "root (for VisA_pytorch use its 1cls folder)?")
+    if other:  # e.g. a class folder still being copied, or an unpacked archive's extra folder
+        logger.warning("left out %d folder(s) of %s without train/ or test/: %s", len(other), data.uri,
+                       ", ".join(sorted(other)[:10]))
     return [r for cls in select_classes(found, categories, data) for r in _read_mvtec_class(data, cls)]
 
 
