@@ -23,6 +23,7 @@ from dinomaly.config.loader import (
     load_config,
     parse_override,
     read_float_text,
+    read_yaml,
     to_dict,
 )
 from dinomaly.config.sections import (
@@ -39,5 +40,5 @@ __all__ = [
     "CONFIG_DIR", "DEFAULT_SEARCH_SPACE", "MAX_SCORE", "REFERENCE_TARGET_LAYERS", "ClusterConfig", "Config",
     "DataConfig", "DinomalyConfig", "EvalConfig", "ServeConfig", "TrackingConfig", "TrainConfig", "TuneConfig", "apply_overrides",
     "describe", "doc", "flatten", "from_dict", "help_text", "load_config", "parse_override", "read_float_text",
-    "to_dict",
+    "read_yaml", "to_dict",
 ]

@@ -7,10 +7,20 @@ The tune section keeps its search space as plain data (dotted key -> spec text);
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from dinomaly.config.sections import DataConfig, DinomalyConfig, EvalConfig, TrackingConfig, TrainConfig, doc
+from dinomaly.config.sections import (
+    DataConfig,
+    DinomalyConfig,
+    EvalConfig,
+    TrackingConfig,
+    TrainConfig,
+    check_finite,
+    doc,
+    require,
+)
 
 MAX_SCORE = 2.0  # anomaly scores are cosine distances (1 - cosine similarity), so a threshold above never flags
 
@@ -51,6 +61,7 @@ class ServeConfig:
     auth_token_file: str = doc("file holding a bearer token (empty = not used); with neither, no auth", default="")
 
     def __post_init__(self) -> None:
+        check_finite("serve", self)
         for name in ("port", "max_batch_size", "num_replicas", "max_ongoing_requests", "max_image_bytes",
                      "max_image_pixels", "max_batch_images"):
             if getattr(self, name) < 1:
@@ -59,6 +70,7 @@ class ServeConfig:
             raise ValueError(f"serve.port={self.port} must be a TCP port (1-65535)")
         if self.batch_wait_timeout_s < 0:
             raise ValueError(f"serve.batch_wait_timeout_s={self.batch_wait_timeout_s} must be >= 0")
+        require(self.max_replicas >= 0, "serve.max_replicas", self.max_replicas, ">= 0 (0 = fixed num_replicas)")
         if self.max_replicas and self.max_replicas < self.num_replicas:
             raise ValueError(f"serve.max_replicas={self.max_replicas} is below serve.num_replicas="
                              f"{self.num_replicas}; use 0 for a fixed count or a larger maximum")
@@ -130,6 +142,8 @@ class TuneConfig:
                               "holder's stored objective (empty = register without aliasing)", default="champion")
 
     def __post_init__(self) -> None:
+        check_finite("tune", self)
+        require(0 <= self.seed < 2**32, "tune.seed", self.seed, f"in [0, {2**32 - 1}] (numpy's seed range)")
         for name in ("num_samples", "evaluations", "grace_period"):
             if getattr(self, name) < 1:
                 raise ValueError(f"tune.{name}={getattr(self, name)} must be at least 1")
@@ -161,6 +175,7 @@ class ClusterConfig:
         "cluster fails at once); 0 = wait forever", default=600.0)
 
     def __post_init__(self) -> None:
+        check_finite("cluster", self)
         if not math.isfinite(self.start_timeout_s) or self.start_timeout_s < 0:
             raise ValueError(f"cluster.start_timeout_s={self.start_timeout_s} must be a number >= 0 "
                              "(seconds; 0 = wait forever)")
@@ -180,4 +195,10 @@ class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def __post_init__(self) -> None:
+        # the name becomes one folder under output_root: '../x', 'a/b' or '' would write elsewhere
+        if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", self.name):
+            raise ValueError(f"name={self.name!r} must be one folder name: letters, digits, '.', '_' and '-', "
+                             "not starting with '.'; e.g. --name mvtec-try2")
 

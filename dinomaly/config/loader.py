@@ -29,6 +29,18 @@ def read_float_text(value: Any) -> Any:
     return float(value) if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value) else value
 
 
+def read_yaml(text: str, where: str) -> Any:
+    """yaml.safe_load, with a syntax error turned into a one-line ValueError naming `where` and the line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{where} is not valid YAML{at}: {problem}; check the brackets, quotes and "
+                         "indentation there") from err
+
+
 def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
@@ -118,7 +130,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ValueError(f"override '{text}' must look like section.key=value, e.g. train.total_steps=500")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    value = read_yaml(raw, f"override {text!r}") if raw.strip() else ""
     return key.strip(), value
 
 
@@ -141,7 +153,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
         if not p.is_file():
             presets = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
             raise FileNotFoundError(f"config '{path}' not found; pass a YAML file or a preset: {presets}")
-        tree = yaml.safe_load(p.read_text()) or {}
+        tree = read_yaml(p.read_text(), f"config file {str(p)!r}") or {}
     config = from_dict(Config, tree)
     return apply_overrides(config, overrides or [])
 

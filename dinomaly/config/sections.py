@@ -6,6 +6,8 @@ bad values with a message that names the fix. `Config` (dinomaly.config.jobs) ne
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -21,6 +23,23 @@ REFERENCE_TARGET_LAYERS = {
 def doc(text: str, **kwargs: Any) -> Any:
     """A dataclass field whose one-line help text becomes its `--help` entry."""
     return field(metadata={"doc": text}, **kwargs)
+
+
+def check_finite(section: str, obj: Any) -> None:
+    """Refuse nan and inf in every float field (or list of floats) of a config section: no key gives them a
+    meaning, and a nan passes every range check below (each comparison with it is false)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            what = "finite numbers" if isinstance(value, list) else "a finite number"
+            raise ValueError(f"{section}.{f.name}={value} must be {what} (not nan or inf)")
+
+
+def require(ok: bool, key: str, value: Any, valid: str) -> None:
+    """The one-line refusal of a value out of range: the key, its value and the valid range."""
+    if not ok:
+        raise ValueError(f"{key}={value} must be {valid}")
 
 
 @dataclass(kw_only=True)
@@ -48,6 +67,10 @@ class DinomalyConfig:
     crop_size: int = doc("then centre-cropped to crop_size (a multiple of the patch size, 14)", default=392)
 
     def __post_init__(self) -> None:
+        check_finite("model", self)
+        require(self.image_size >= 14, "model.image_size", self.image_size, "at least 14 (one patch)")
+        require(self.crop_size >= 14, "model.crop_size", self.crop_size,
+                "a positive multiple of the patch size 14, at most model.image_size (e.g. 112 or 392)")
         if self.crop_size % 14:
             lower, upper = self.crop_size // 14 * 14, (self.crop_size // 14 + 1) * 14
             raise ValueError(f"model.crop_size={self.crop_size} is not a multiple of the patch size 14; "
@@ -57,6 +80,7 @@ class DinomalyConfig:
                              f"{self.image_size}; the crop must fit inside the resized image")
         if not 0.0 <= self.bottleneck_dropout < 1.0:
             raise ValueError(f"model.bottleneck_dropout={self.bottleneck_dropout} must be in [0, 1)")
+        require(self.attention_eps >= 0, "model.attention_eps", self.attention_eps, ">= 0 (0 = the reference)")
         if not self.target_layers:
             raise ValueError("model.target_layers is empty; give the encoder blocks to reconstruct, e.g. [2, ..., 9]")
         if sorted(set(self.target_layers)) != list(self.target_layers):
@@ -111,9 +135,10 @@ class DataConfig:
                         default=True)
 
     def __post_init__(self) -> None:
-        if self.loader_workers < 0 or self.decode_images_per_s < 0:
-            raise ValueError(f"data.loader_workers={self.loader_workers} and data.decode_images_per_s="
-                             f"{self.decode_images_per_s} must be >= 0")
+        check_finite("data", self)
+        require(self.loader_workers >= 0, "data.loader_workers", self.loader_workers, ">= 0")
+        require(self.decode_images_per_s >= 0, "data.decode_images_per_s", self.decode_images_per_s,
+                ">= 0 (0 = as many decode tasks as free CPUs)")
         if not 0.0 <= self.folder_test_fraction < 1.0:
             raise ValueError(f"data.folder_test_fraction={self.folder_test_fraction} must be in [0, 1)")
         if self.max_image_pixels < 0:
@@ -130,7 +155,8 @@ class TrainConfig:
                            default=10_000)
     batch_size: int = doc("global batch size (split evenly across workers)", default=16)
     lr: float = doc("peak learning rate of the warm-cosine schedule", default=2e-3)
-    final_lr: float = doc("learning rate at the end of the cosine decay", default=2e-4)
+    final_lr: float = doc("learning rate at the end of the cosine decay (absolute, not a ratio of lr)",
+                          default=2e-4)
     warmup_steps: int = doc("linear warm-up steps, from lr 0 (the first step runs at lr 0)", default=100)
     betas: list[float] = doc("StableAdamW betas", default_factory=lambda: [0.9, 0.999])
     weight_decay: float = doc("decoupled weight decay (applied to every trainable tensor)", default=1e-4)
@@ -138,13 +164,15 @@ class TrainConfig:
     clip_grad_norm: float = doc("total L2 norm the gradients are clipped to", default=0.1)
     hard_mining_final_p: float = doc("fraction of easy points whose gradient is damped, after the ramp",
                                      default=0.9)
-    hard_mining_ramp_steps: int = doc("steps over which p ramps linearly from 0", default=1000)
-    hard_mining_factor: float = doc("gradient factor on the easy points", default=0.1)
+    hard_mining_ramp_steps: int = doc("steps over which p ramps linearly from 0 (0 = p is final_p from the first "
+                                      "step)", default=1000)
+    hard_mining_factor: float = doc("gradient factor on the easy points, in [0, 1] (1 = no hard mining)",
+                                    default=0.1)
     global_hard_mining: bool = doc("take the hard-mining threshold over the global batch across workers "
                                    "(reference semantics); False = per worker", default=True)
     seed: int = doc("random seed (reference: 1)", default=1)
     precision: Literal["fp32", "bf16"] = doc("fp32 (reference) or bf16 autocast", default="fp32")
-    log_every: int = doc("log loss/lr/p every N steps", default=50)
+    log_every: int = doc("log loss/lr/p every N steps (0 = only the first and last step)", default=50)
     eval_every: int = doc("evaluate every N steps (0 = only at the end)", default=0)
     checkpoint_every: int = doc("checkpoint every N steps (0 = only at the end)", default=1000)
     num_workers: int = doc("Ray Train workers (DDP ranks)", default=1)
@@ -173,6 +201,7 @@ class TrainConfig:
                                       default=8)
 
     def __post_init__(self) -> None:
+        check_finite("train", self)
         for name in ("total_steps", "batch_size", "num_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be at least 1")
@@ -187,14 +216,17 @@ class TrainConfig:
             raise ValueError(f"train.hard_mining_final_p={self.hard_mining_final_p} must be in [0, 1)")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"train.betas={self.betas} must be two numbers in [0, 1)")
-        if self.max_failures < 0 or self.keep_checkpoints < 0 or self.cpus_per_worker < 0:
-            raise ValueError(f"train.max_failures={self.max_failures}, train.keep_checkpoints="
-                             f"{self.keep_checkpoints} and train.cpus_per_worker={self.cpus_per_worker} must be >= 0")
-        for name in ("log_every", "eval_every", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"train.{name}={getattr(self, name)} must be >= 0")
-        if self.lr <= 0 or self.final_lr < 0:
-            raise ValueError(f"train.lr={self.lr} must be > 0 and train.final_lr={self.final_lr} >= 0")
+        for name in ("max_failures", "keep_checkpoints", "cpus_per_worker", "log_every", "eval_every",
+                     "checkpoint_every", "hard_mining_ramp_steps", "weight_decay"):
+            require(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), ">= 0")
+        require(self.lr > 0, "train.lr", self.lr, "> 0, e.g. 0.002")
+        require(self.final_lr >= 0, "train.final_lr", self.final_lr, ">= 0 (an absolute learning rate)")
+        require(self.eps > 0, "train.eps", self.eps, "> 0, e.g. 1e-10 or 1e-8")
+        require(self.clip_grad_norm > 0, "train.clip_grad_norm", self.clip_grad_norm,
+                "> 0 (clipping to 0 would zero every gradient), e.g. 0.1")
+        require(0.0 <= self.hard_mining_factor <= 1.0, "train.hard_mining_factor", self.hard_mining_factor,
+                "in [0, 1] (1 = no damping), e.g. 0.1")
+        require(0 <= self.seed < 2**32, "train.seed", self.seed, f"in [0, {2**32 - 1}] (numpy's seed range)")
         if not 0.0 <= self.calibration_share <= 0.5 or self.calibration_min_images < 1:
             raise ValueError(f"train.calibration_share={self.calibration_share} must be in [0, 0.5] and "
                              f"train.calibration_min_images={self.calibration_min_images} at least 1")
@@ -206,7 +238,7 @@ class EvalConfig:
 
     resize: int = doc("maps and masks are resized to resize x resize before scoring", default=256)
     blur_kernel: int = doc("Gaussian blur kernel size (odd)", default=5)
-    blur_sigma: float = doc("Gaussian blur sigma", default=4.0)
+    blur_sigma: float = doc("Gaussian blur sigma in pixels of the resized map (> 0)", default=4.0)
     max_ratio: float = doc("image score = mean of the top max_ratio fraction of map pixels", default=0.01)
     batch_size: int = doc("evaluation batch size", default=16)
     aupro: Literal["reference", "exact"] = doc(
@@ -225,15 +257,17 @@ class EvalConfig:
                             "images called anomalous (score >= threshold)", default=0.01)
 
     def __post_init__(self) -> None:
-        if self.actors < 1 or self.cpus_per_actor <= 0 or self.gpus_per_actor < 0:
-            raise ValueError(f"eval.actors={self.actors} must be >= 1, eval.cpus_per_actor={self.cpus_per_actor} "
-                             f"> 0 and eval.gpus_per_actor={self.gpus_per_actor} >= 0")
+        check_finite("eval", self)
+        for name in ("actors", "resize", "batch_size"):
+            require(getattr(self, name) >= 1, f"eval.{name}", getattr(self, name), "at least 1")
+        require(self.cpus_per_actor > 0, "eval.cpus_per_actor", self.cpus_per_actor, "> 0")
+        require(self.gpus_per_actor >= 0, "eval.gpus_per_actor", self.gpus_per_actor, ">= 0")
         if self.blur_kernel < 1 or self.blur_kernel % 2 == 0:
             raise ValueError(f"eval.blur_kernel={self.blur_kernel} must be a positive odd number")
+        require(self.blur_sigma > 0, "eval.blur_sigma", self.blur_sigma,
+                "> 0 (a Gaussian of sigma 0 divides by zero), e.g. 4")
         if not 0.0 < self.max_ratio <= 1.0:
             raise ValueError(f"eval.max_ratio={self.max_ratio} must be in (0, 1]")
-        if self.resize < 1 or self.batch_size < 1:
-            raise ValueError("eval.resize and eval.batch_size must be at least 1")
         if not 0.0 <= self.target_fpr < 1.0:
             raise ValueError(f"eval.target_fpr={self.target_fpr} must be in [0, 1), e.g. 0.01")
 
@@ -254,6 +288,7 @@ class TrackingConfig:
                                  "unlabelled data (next to the F1-optimal one)", default=0.99)
 
     def __post_init__(self) -> None:
+        check_finite("tracking", self)
         if not 0.0 < self.normal_quantile <= 1.0:
             raise ValueError(f"tracking.normal_quantile={self.normal_quantile} must be in (0, 1]")
         if self.heatmap_images < 0:

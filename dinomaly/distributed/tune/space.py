@@ -23,9 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import yaml
-
-from dinomaly.config import Config, apply_overrides, flatten, read_float_text
+from dinomaly.config import Config, apply_overrides, flatten, read_float_text, read_yaml
 from dinomaly.metrics import METRIC_NAMES
 
 SearchKind = Literal["constant", "uniform", "loguniform", "randint", "choice", "grid"]
@@ -53,11 +51,10 @@ class SearchDimension:
             if isinstance(spec, str) and re.fullmatch(r"\s*[a-z_]+\s*\(.*", spec, re.DOTALL):
                 raise ValueError(f"{where}: unknown or malformed search kind; use one of "
                                  f"{', '.join(k + '(...)' for k in SEARCH_KINDS)}")
-            return cls(key, "constant", (spec,), spec)
-        try:
-            args = yaml.safe_load(f"[{match['args']}]")
-        except yaml.YAMLError as err:
-            raise ValueError(f"{where}: the arguments are not a YAML list ({err})") from err
+            # a plain value is YAML like any other (--space gives text: '0.001' is the number, as in --set)
+            value = read_float_text(read_yaml(spec, where)) if isinstance(spec, str) and spec.strip() else spec
+            return cls(key, "constant", (value,), spec)
+        args = read_yaml(f"[{match['args']}]", f"{where}: the argument list")
         kind = match["kind"]
         args = [read_float_text(a) for a in args]
         if kind in RANGE_KINDS:
