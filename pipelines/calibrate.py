@@ -12,8 +12,9 @@ the lowest score cut at which at most --target-fpr of its normal images are call
 threshold), with a bootstrap interval; the global threshold pools all classes. Classes the new images do not
 cover keep their previous thresholds.
 
-Writes a new model version: --output gets a checkpoint folder (the same weights, the new table in
-metadata.json); a model read from the registry also gets a new registry version tagged with the table.
+Writes a new model version: --output gets a checkpoint folder (the same weights and trained config, the new
+table in metadata.json); it must be a new or empty folder, never the --model folder. A model read from the
+registry also gets a new registry version tagged with the table.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                           required=("model", "data", "output"), set_example="--set eval.actors=2",
                           help={"data": "the new normal images: a .parquet manifest, a dataset layout root (folder) "
                                         "or an s3:// prefix; only label-0 rows are used",
-                                "output": "required: folder for the new checkpoint (weights + config + the new table)",
+                                "output": "required: a new or empty folder for the new checkpoint (weights, config, table)",
                                 "workers": "model actors scoring images (eval.actors)",
                                 "gpu": "one GPU per model actor (eval.gpus_per_actor=1)"})
     parser.add_argument("--target-fpr", type=float, default=None, metavar="RATE",
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     def check():
         local_output(args.output, "; write the new version to a local folder, then copy it to the bucket "
                                   "(an s3:// checkpoint prefix is a valid --model)")
+        calibrate.check_output(args.model, args.output)
         job = calibrate.prepare(args.model, args.data, args.config, actor_settings(args), args.target_fpr)
         check_job_storage({"--output": args.output}, job.registry.tracking_uri if job.registry else None)
         return job

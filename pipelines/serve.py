@@ -21,6 +21,7 @@ from typing import Any
 import dinomaly.distributed  # noqa: F401 - sets Ray's loopback environment before Ray is imported
 from dinomaly.config import Config, apply_overrides, load_config
 from dinomaly.config.cli import entry_parser, start_logging
+from dinomaly.distributed.batch.scoring import refuse_model_changes
 from dinomaly.distributed.cluster import attaching_to_cluster
 from dinomaly.distributed.entry import run_job
 from dinomaly.distributed.serve import app as serving
@@ -74,9 +75,11 @@ def app(args: dict[str, Any]):
     if "model" not in args:
         raise ValueError("pass the model: serve run pipelines.serve:app model=<checkpoint dir | models:/...>")
     model, preset = str(args.pop("model")), args.pop("config", None)
+    fixed = [f"{k}={v}" for k, v in args.items() if k.startswith("model.")]  # only checked against the model's
+    args = {k: v for k, v in args.items() if not k.startswith("model.")}
     config = load_config(preset, [f"{k}={v}" for k, v in args.items() if isinstance(v, str)])
     config = apply_overrides(config, {k: v for k, v in args.items() if not isinstance(v, str)})
-    serving.check_model(model, config)
+    refuse_model_changes(serving.check_model(model, config).config, fixed)
     return serving.build_app(model, config)
 
 
@@ -88,10 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {f"serve.{key}": value for key, value in flags if value is not None}
 
     def check() -> tuple[Config, serving.ModelInfo]:
-        config = apply_overrides(load_config(args.config, args.set), overrides)
+        # the model's own model.* serve it: a --set model.* is only checked against them
+        settings = [s for s in args.set if not s.strip().startswith("model.")]
+        config = apply_overrides(load_config(args.config, settings), overrides)
         if starts_local_ray():  # on a running cluster, Serve already holds the port: a redeploy replaces the app
             check_port_free(config.serve.host, config.serve.port)
-        return config, serving.check_model(args.model, config)  # a bad model or token set-up fails before Ray
+        info = serving.check_model(args.model, config)  # a bad model or token set-up fails before Ray
+        refuse_model_changes(info.config, args.set)
+        return config, info
 
     return run_job(check, lambda checked: serving.serve_until_stopped(args.model, *checked),
                    prefix=f"cannot serve {args.model}: ", debug=args.debug)

@@ -319,3 +319,65 @@ def test_calibrate_writes_a_new_version_with_thresholds_from_normal_images_only(
     assert json.loads(version.tags[METADATA_KEY]) == table.to_dict()
     assert version.tags["calibrated_from"] == "tiny-cal/1" and version.tags["mean_image_auroc"] == "0.5"
     assert "2 defective rows left out" in printed and "registered as tiny-cal version 2" in printed
+
+
+def test_calibrated_model_keeps_its_trained_config_and_notes_the_calibration_data(trained, tmp_path):
+    """The calibration data (--data, data.categories) go in calibrated_from only: config.json keeps the data.*
+    the model was trained on, so a later evaluate or calibrate of it reads nothing from the calibration run."""
+    from dinomaly.checkpoint import load
+    from dinomaly.distributed.batch.calibrate import prepare, write_version
+
+    root, checkpoint, config, old = trained
+    job = prepare(str(checkpoint), str(root), None, ["data.categories=[nut]", "eval.batch_size=2"])
+    write_version(job.bundle, old, tmp_path / "c3", str(root))
+    new = load(tmp_path / "c3")
+    assert new.config.data == config.data and new.config.eval == config.eval  # root '', all classes
+    assert new.metadata["calibrated_from"]["data"] == str(root)
+    assert new.metadata["calibrated_from"]["categories"] == ["nut"]
+
+
+@pytest.mark.parametrize("where", ["model", "inside_model", "non_empty", "file"])
+def test_calibrate_refuses_an_output_that_would_overwrite_before_ray(trained, tmp_path, capsys, monkeypatch, where):
+    import shutil
+
+    root, checkpoint, _, _ = trained
+    model = shutil.copytree(checkpoint, tmp_path / "checkpoint")
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    output = {"model": model, "inside_model": model / "new", "non_empty": tmp_path / "c1",
+              "file": tmp_path / "c1.parquet"}[where]
+    (tmp_path / "c1").mkdir()
+    (tmp_path / "c1" / "model.safetensors").write_text("a first result")
+    (tmp_path / "c1.parquet").write_text("a manifest")
+    expected = {"model": "is the --model folder or inside it; write the new version to another folder",
+                "inside_model": "is the --model folder or inside it",
+                "non_empty": "exists and is not an empty folder; choose a new folder or remove it",
+                "file": "is a file; pass a folder for the new checkpoint"}[where]
+    monkeypatch.setattr("dinomaly.distributed.cluster.ensure_ray", lambda: pytest.fail("Ray started"))
+    rc = calibrate_cli().main(["--model", str(model), "--data", str(root), "--output", str(output)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and f"--output {output} {expected}" in err
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+    assert (tmp_path / "c1" / "model.safetensors").read_text() == "a first result"
+
+
+def test_a_copy_of_the_training_images_elsewhere_is_named_in_a_warning(trained, tmp_path, caplog):
+    """The same class/train/good/000.png under another root may be a copy of a training image, or a new image
+    named alike: it is scored, and a warning counts such images."""
+    import shutil
+
+    from dinomaly.config import apply_overrides
+    from dinomaly.distributed.batch.calibrate import normal_rows, trained_uris
+
+    root, _, config, _ = trained
+    saved = apply_overrides(config, {"data.root": str(root), "train.calibration_share": 0.25,
+                                     "train.calibration_min_images": 2})
+    uris = trained_uris(saved)
+    copy = shutil.copytree(root, tmp_path / "copy")
+    with caplog.at_level("WARNING"):
+        rows, _, skipped = normal_rows(apply_overrides(config, {"data.root": str(copy)}), 2, uris, str(root))
+    assert (rows.num_rows, skipped) == (20, 0)
+    assert "12 of the 20 normal images sit at the same paths" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        normal_rows(apply_overrides(config, {"data.root": str(copy)}), 2, uris)  # no training root: no warning
+    assert "same paths" not in caplog.text

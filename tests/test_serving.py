@@ -191,7 +191,7 @@ def test_pipeline_refuses_a_port_in_use_before_any_ray(monkeypatch, tmp_path, ca
         assert "stop it or pass --port" in err and len(err.strip().splitlines()) == 1 and not started
         monkeypatch.setattr(pipeline, "starts_local_ray", lambda: False)  # joining a cluster: its Serve owns it
         assert pipeline.main(["--model", str(tmp_path / "nowhere"), "--port", str(port)]) == 2
-        assert "not a directory" in capsys.readouterr().err and not started
+        assert "does not exist" in capsys.readouterr().err and not started
     pipeline.check_port_free("127.0.0.1", port)  # closed again: free, and the check itself holds nothing
     pipeline.check_port_free("127.0.0.1", port)
 
@@ -218,7 +218,7 @@ def test_pipeline_refuses_a_model_it_cannot_load(tmp_path, served_model, capsys,
     pipeline = load_serve_pipeline()
     monkeypatch.setattr(pipeline, "starts_local_ray", lambda: False)  # whether port 8000 is free is not the point
     assert pipeline.main(["--model", str(tmp_path / "nowhere")]) == 2
-    assert "not a directory" in capsys.readouterr().err
+    assert "does not exist" in capsys.readouterr().err
     from dinomaly.checkpoint import load, save
 
     loaded = load(served_model.checkpoint)

@@ -138,7 +138,13 @@ def resolve_model(uri: str, config: Config) -> ResolvedModel:
     directory = Path(path)
     if directory.is_file() and is_exported(directory):  # pipelines/export.py's model.onnx / model.xml
         return ResolvedModel(directory=directory, source=str(directory))
+    kinds = "a checkpoint directory, an exported model.onnx, an s3:// prefix or models:/<name>@<alias>"
+    if not directory.exists():
+        raise FileNotFoundError(f"model {uri!r} does not exist; fix the path, or pass {kinds}")
+    if directory.suffix.lower() in (".pth", ".pt", ".safetensors"):
+        raise ValueError(f"{uri} looks like official Dinomaly weights, which carry no config or thresholds to serve "
+                         f"with; fine-tune them into a checkpoint (pipelines/train.py --init-from {uri}), or "
+                         "score them with evaluate.py/predict.py --config <preset>")
     if not directory.is_dir():
-        raise FileNotFoundError(f"model {uri!r} is not a directory; pass a checkpoint directory, an exported model.onnx, an s3:// prefix "
-                                "or models:/<name>@<alias>")
+        raise FileNotFoundError(f"model {uri!r} is not a directory; pass {kinds}")
     return ResolvedModel(directory=_checkpoint_in(directory, uri), source=str(directory))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Set as AbstractSet
@@ -37,6 +38,7 @@ from dinomaly.calibration import (
 )
 from dinomaly.config import Config, TrackingConfig, load_config
 from dinomaly.data.manifest import load_manifest, select
+from dinomaly.data.storage import split_uri
 from dinomaly.distributed.batch.scoring import ModelBundle, ScoreSpec, build_model, score_rows
 from dinomaly.results import json_safe
 from dinomaly.tables import format_threshold_table
@@ -77,17 +79,37 @@ def trained_uris(saved: Config | None) -> set[str]:
     return set(train_rows.column("image_uri").take(keep).to_pylist())  # absolute paths or URIs, as every manifest
 
 
-def normal_rows(config: Config, min_images: int = MIN_IMAGES, trained: AbstractSet[str] = frozenset()
-                ) -> tuple[pa.Table, int, int]:
+def dataset_base(root: str) -> str:
+    """The folder a data set's image paths are relative to: data.root, or the folder of a .parquet manifest."""
+    text = root.rstrip("/")
+    if text.endswith(".parquet"):
+        text = text.rsplit("/", 1)[0] if "/" in text else "."
+    return text if split_uri(text)[0] else os.path.abspath(text)
+
+
+def relative_paths(uris: AbstractSet[str], root: str) -> set[str]:
+    """The URIs under data set `root`, as paths relative to it (e.g. nut/train/good/000.png)."""
+    base = dataset_base(root) + "/"
+    return {uri[len(base):] for uri in uris if uri.startswith(base)}
+
+
+def normal_rows(config: Config, min_images: int = MIN_IMAGES, trained: AbstractSet[str] = frozenset(),
+                trained_root: str = "") -> tuple[pa.Table, int, int]:
     """(uri + category of every label-0 row of config.data that is not in `trained`, the number of label-1
     rows left out, the number of trained-on rows left out).
 
-    A class with fewer than min_images normal images is refused: its threshold would be noise."""
+    Images at the same path under their data set root as training images under `trained_root` (the model's
+    data.root) are not left out, since new images may be named like the old ones (nut/train/good/000.png), but
+    counted in a warning: they may be a copy of the training set. A class with fewer than min_images normal
+    images is refused: its threshold would be noise."""
     manifest = load_manifest(config.data)
     normal = manifest.filter(pc.equal(manifest.column("label"), 0))
     if normal.num_rows == 0:
         raise ValueError(f"{config.data.root} has no normal (label 0) images; calibration needs normal images only")
-    seen = [uri in trained for uri in normal.column("image_uri").to_pylist()]
+    uris = normal.column("image_uri").to_pylist()
+    seen = [uri in trained for uri in uris]
+    if trained_root and not any(seen):
+        _warn_if_same_paths(uris, relative_paths(trained, trained_root), dataset_base(config.data.root) + "/")
     fresh = normal.filter(pa.array([not s for s in seen], pa.bool_()))
     if sum(seen):
         logger.warning("%d of the %d normal images trained this model (its training data's train split): left out, "
@@ -105,6 +127,30 @@ def normal_rows(config: Config, min_images: int = MIN_IMAGES, trained: AbstractS
     return rows, manifest.num_rows - normal.num_rows, sum(seen)
 
 
+def _warn_if_same_paths(uris: list[str], trained_relative: set[str], base: str) -> None:
+    same = [uri for uri in uris if uri.startswith(base) and uri[len(base):] in trained_relative]
+    if same:
+        logger.warning("%d of the %d normal images sit at the same paths under %s as images this model trained on "
+                       "under its data.root (e.g. %s); they are scored. If they are a copy of the training set, "
+                       "calibrate on a manifest without them: thresholds set on training images flag more new "
+                       "good parts than the target FPR", len(same), len(uris), base.rstrip("/"), same[0][len(base):])
+
+
+def check_output(model: str, output: str) -> None:
+    """Before any work: --output must be a new (or empty) folder, not the model's own folder nor inside it."""
+    from dinomaly.export.checked import check_output as check_new_folder
+
+    target = Path(output).resolve()
+    if not model.startswith("models:/") and not split_uri(model)[0]:
+        source = Path(model).resolve()
+        if target == source or source in target.parents:
+            raise ValueError(f"--output {output} is the --model folder or inside it; write the new version to "
+                             "another folder (the calibrated model is a new checkpoint beside the old one)")
+    if target.is_file():
+        raise ValueError(f"--output {output} is a file; pass a folder for the new checkpoint")
+    check_new_folder(Path(output))
+
+
 def prepare(model: str, data: str, preset: str | None, overrides: list[str],
             target_fpr: float | None = None) -> CalibrationJob:
     """The model, the normal rows and the target FPR (--target-fpr, else the model's eval.target_fpr)."""
@@ -117,7 +163,9 @@ def prepare(model: str, data: str, preset: str | None, overrides: list[str],
     if bundle.version == "official":
         raise ValueError("official weights carry no config of ours to store a threshold table with; train or "
                          "import them first (pipelines/train.py --init-from ...), then calibrate that checkpoint")
-    rows, defective, trained = normal_rows(bundle.config, trained=trained_uris(bundle.saved_config))
+    saved = bundle.saved_config
+    rows, defective, trained = normal_rows(bundle.config, trained=trained_uris(saved),
+                                           trained_root=saved.data.root if saved else "")
     registry = load_config(preset, overrides).tracking if model.startswith("models:/") else None
     return CalibrationJob(bundle, rows, bundle.config.eval.target_fpr, data, registry, defective, trained)
 
@@ -148,14 +196,16 @@ def recalibrated(previous: ThresholdTable | None, scores: dict[str, np.ndarray],
 
 
 def write_version(bundle: ModelBundle, table: ThresholdTable, output: Path, data: str) -> Path:
-    """A new checkpoint folder: the bundle's weights and config, its metadata with the new table."""
+    """A new checkpoint folder: the bundle's weights, the config it was trained with (its data.* still describe
+    its training data), its metadata with the new table and the calibration data."""
     from dinomaly.checkpoint import save
 
     metadata = {**bundle.metadata, METADATA_KEY: table.to_dict(),
                 "calibrated_from": {"model": bundle.source, "version": bundle.version, "data": data,
+                                    "categories": list(bundle.config.data.categories),
                                     "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
     model = build_model(bundle.config.model, bundle.state_dict, "cpu")
-    return save(output, model, bundle.config, metadata=json_safe(metadata))
+    return save(output, model, bundle.saved_config or bundle.config, metadata=json_safe(metadata))
 
 
 def register(job: CalibrationJob, table: ThresholdTable, output: Path) -> str:

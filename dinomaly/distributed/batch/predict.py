@@ -6,7 +6,7 @@ Output location (folder or s3:// prefix):
     results/part-<run>-<n>.parquet  one row per input image (RESULT_SCHEMA), written every `rows_per_file`
                              rows; read it all with pandas.read_parquet("<output>/results") or Ray Data
     heatmaps/<stem>-<hash>.png  overlays, when asked (dinomaly.heatmap: colours 0 .. 2 x threshold)
-    run.json                 model source, threshold and heatmap setting of the results
+    run.json                 model source, threshold, preprocessing and heatmap setting of the results
     summary.json             counts, anomaly rate, images/s of the latest run
     .incomplete/             local outputs only: files being written, renamed into place when complete
 A re-run on the same output skips every uri already in a part file (error rows included: an unreadable
@@ -263,12 +263,12 @@ def predict(bundle_ref, bundle: ModelBundle, config: Config, inputs: list[str], 
     threshold then decides (a class the table lacks, or no class, uses the global threshold); shards: uri ->
     (shard_uri, shard_row) of a packed manifest (list_shards): those images are read from their shards."""
     from dinomaly.distributed.resources import wait_for_batch_resources
-
     wait_for_batch_resources(config, "predict")  # the actor pool's CPUs/GPUs, within cluster.start_timeout_s
     table = threshold if isinstance(threshold, ThresholdTable) else ThresholdTable(ClassThreshold(threshold, "given"))
     store = OutputStore(output_uri, config)
+    sizes = {"image_size": config.model.image_size, "crop_size": config.model.crop_size, "resize": config.eval.resize}
     run = {"model": bundle.source, "model_version": bundle.version, "thresholds": table.to_dict(),
-           "heatmaps": heatmaps}
+           "heatmaps": heatmaps, "preprocessing": sizes}  # rows scored at other sizes must not join these
     done = prepare_output(store, run, overwrite)
     todo = [uri for uri in inputs if uri not in done]
     logger.info("%d images to score, %d already in %s", len(todo), len(inputs) - len(todo), store.uri)

@@ -28,7 +28,15 @@ import torch
 
 from dinomaly.calibration import ThresholdTable
 from dinomaly.checkpoint import load, load_official
-from dinomaly.config import Config, DinomalyConfig, apply_overrides, from_dict, load_config
+from dinomaly.config import (
+    Config,
+    DinomalyConfig,
+    apply_overrides,
+    from_dict,
+    load_config,
+    parse_override,
+    to_dict,
+)
 from dinomaly.data.reader import RowError, RowReader
 from dinomaly.data.storage import StorageOptions, filesystem_for, split_uri
 from dinomaly.data.transforms import mask_to_tensor
@@ -93,8 +101,9 @@ def load_bundle(model: str, preset: str | None = None, overrides: list[str] | No
     """`--model` -> ModelBundle: a checkpoint dir / s3:// prefix / models:/name@alias, or official weights.
 
     Official weights (.pth/.pt/.safetensors of the reference's ViTill) need `preset` for the architecture
-    (e.g. mvtec_uni: ViT-B, 448 -> 392). For a checkpoint the model section always comes from the checkpoint;
-    the other sections come from `preset` when given, else from the checkpoint; `overrides` go on top.
+    (e.g. mvtec_uni: ViT-B, 448 -> 392). For a checkpoint the model section always comes from the checkpoint
+    (a `model.*` override that differs is refused: `refuse_model_changes`); the other sections come from
+    `preset` when given, else from the checkpoint; `overrides` go on top.
     """
     overrides = list(overrides or [])
     if is_exported(model):
@@ -112,13 +121,15 @@ def load_bundle(model: str, preset: str | None = None, overrides: list[str] | No
                            version="official")
     from dinomaly.distributed.models import resolve_model
 
-    base = load_config(preset, overrides)  # tracking.* and data.* here say where registries and buckets are
+    # tracking.* and data.* here say where registries and buckets are; model.* are checked against the model's
+    base = load_config(preset, [o for o in overrides if not _is_model_key(o)])
     resolved = resolve_model(model, base)
     try:
         loaded = load(resolved.directory)
     finally:
         resolved.cleanup()
     saved = _as_config(loaded.config)
+    refuse_model_changes(saved, overrides)
     config = replace(base if preset else saved, model=saved.model)
     config = apply_overrides(config, overrides) if overrides else config
     return ModelBundle(config=config, state_dict=loaded.model.state_dict(), source=resolved.source,
@@ -132,12 +143,40 @@ def _exported_bundle(model: str, preset: str | None, overrides: list[str]) -> Mo
 
     values = read_metadata(model)
     saved = from_dict(Config, values["config"])
-    config = replace(load_config(preset, overrides) if preset else saved, model=saved.model)
+    refuse_model_changes(saved, overrides)
+    config = replace(load_config(preset, [o for o in overrides if not _is_model_key(o)]) if preset else saved,
+                     model=saved.model)
     config = apply_overrides(config, overrides) if overrides else config
     info = values.get("model", {})
     return ModelBundle(config=config, state_dict={}, source=str(model), name=info.get("name") or saved.name,
                        version=info.get("version") or "exported", metadata=values.get("metadata", {}),
                        tags=info.get("tags", {}), exported=exported_files(model), saved_config=saved)
+
+
+_UNSET = object()
+
+
+def _is_model_key(override: str) -> bool:
+    return override.split("=", 1)[0].strip().startswith("model.")
+
+
+def refuse_model_changes(trained: Config | DinomalyConfig | dict[str, Any], overrides: list[str]) -> None:
+    """ValueError for a `model.KEY=VALUE` override that differs from the trained model's value (one equal to it
+    is harmless). Its weights were trained at that size and architecture: a changed one would score something
+    else while its calibrated thresholds still decided. trained: its Config, model section, or either as a dict."""
+    values = to_dict(trained) if not isinstance(trained, dict) else trained
+    values = values.get("model", values) if isinstance(values.get("model"), dict) else values
+    for text in overrides:
+        if not _is_model_key(text):
+            continue
+        key, value = parse_override(text)
+        node: Any = values
+        for part in key.split(".")[1:]:
+            node = node.get(part, _UNSET) if isinstance(node, dict) else _UNSET
+        if node != value:
+            shown = "(unset)" if node is _UNSET else node
+            raise ValueError(f"{text.strip()} differs from the trained model's {shown}: a trained model's model.* "
+                             "settings are fixed; eval.* keys change how it is scored")
 
 
 def build_model(model_config: DinomalyConfig, state_dict: dict[str, torch.Tensor], device: str):
