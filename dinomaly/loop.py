@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -97,6 +98,31 @@ class TrainState:
         return state
 
 
+class TrainingDiverged(ValueError):
+    """The loss, the gradient norm or a trainable weight stopped being finite: no later step can recover."""
+
+
+def divergence(records: list[dict], parameters: Iterable[torch.Tensor] = ()) -> dict | None:
+    """The first record whose loss or gradient norm is not finite; else, when a weight in `parameters` is not
+    finite (a NaN update leaves the loss of its own step finite), the last record with weights_finite False.
+    None while everything is finite."""
+    for record in records:
+        if not (math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])):
+            return dict(record, weights_finite=True)
+    flags = [torch.isfinite(p).all() for p in parameters]
+    if records and flags and not bool(torch.stack(flags).all()):  # one sync for all tensors
+        return dict(records[-1], weights_finite=False)
+    return None
+
+
+def diverged_message(found: dict) -> str:
+    """One line for divergence()'s finding, with the fix."""
+    what = f"loss {found['loss']:.4g}, gradient norm {found['grad_norm']:.4g}"
+    if not found.get("weights_finite", True):
+        what += ", weights not finite"
+    return f"training diverged at step {found['step']} ({what}); lower train.lr or raise train.warmup_steps"
+
+
 def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -104,7 +130,8 @@ def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContex
 
 
 def train_steps(model: torch.nn.Module, batches: Iterable[torch.Tensor], config: Config,
-                state: TrainState | None = None) -> tuple[list[dict[str, float]], TrainState]:
+                state: TrainState | None = None, *, check_finite: bool = True
+                ) -> tuple[list[dict[str, float]], TrainState]:
     """One optimiser step per batch ([B, 3, H, W], normalised); returns per-step records and the state.
 
     Order per step, as the reference: train mode (the encoder stays eval) -> p from the 0-based step ->
@@ -113,6 +140,10 @@ def train_steps(model: torch.nn.Module, batches: Iterable[torch.Tensor], config:
     this is the global norm) -> optimizer.step() at the current lr -> scheduler.step() -> step += 1.
     Records: {step (1-based count after the step), loss, grad_norm (pre-clip), lr (used), p (used)}.
     `model` may be a DDP wrapper of a Dinomaly.
+
+    check_finite: raise TrainingDiverged at the first step whose loss or gradient norm is not finite, or at the
+    end when a weight is not. Under DDP pass False and call divergence() where every rank does: the loss is a
+    rank's own, and a rank that raised alone would leave the others waiting in the next all-reduce.
     """
     tc = config.train
     if state is None:
@@ -135,5 +166,9 @@ def train_steps(model: torch.nn.Module, batches: Iterable[torch.Tensor], config:
         state.scheduler.step()
         state.step += 1
         records.append({"step": state.step, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr, "p": p})
+        if check_finite and (found := divergence(records[-1:])):
+            raise TrainingDiverged(diverged_message(found))
     state.rng_state = _capture_rng(device)
+    if check_finite and (found := divergence(records[-1:], trainable)):
+        raise TrainingDiverged(diverged_message(found))
     return records, state

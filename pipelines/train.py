@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     from dinomaly.distributed.cluster import check_job_storage
     from dinomaly.distributed.entry import run_job
     from dinomaly.distributed.train import run as launch
+    from dinomaly.distributed.train.resume import finished_step
 
     def check() -> tuple[Config, Path]:
         local_output(args.output, "; keep --output local and pass --storage-path s3://... for Ray's run folders")
@@ -80,8 +81,18 @@ def main(argv: list[str] | None = None) -> int:
         launch.check_before_start(config, init_from=args.init_from, resume=args.resume)
         return config, output
 
-    return run_job(check, lambda checked: launch.run(checked[0], init_from=args.init_from, output=checked[1]),
-                   debug=args.debug)
+    def run(checked: tuple[Config, Path]) -> int:
+        config, output = checked
+        step = finished_step(config) if args.resume else None
+        if step is not None:  # resuming would start Ray and train nothing
+            print(f"run '{config.name}' already finished at step {step} (train.total_steps="
+                  f"{config.train.total_steps}): nothing to resume, nothing was trained; its checkpoints are in "
+                  f"{config.output_root.rstrip('/')}/{config.name}")
+            return 0
+        launch.run(config, init_from=args.init_from, output=output)
+        return 0
+
+    return run_job(check, run, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -88,10 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         if config.tune.cache_root:
             where["tune.cache_root"] = config.tune.cache_root
         check_job_storage(where, config.tracking.tracking_uri if config.tracking.enabled else None)
+        check_before_start(config)  # errors name the paths as given; workers then get them absolute
+        sweep.check_cache_root(config)
         config = prepare_config(config)
         check_search_space(config)  # a bad space fails here, before any Ray work, with the fix named
         sweep.check_sweep_name(config, args.resume)
-        check_before_start(config)
         return config
 
     return run_job(check, lambda config: sweep.run(config, resume=args.resume, output_dir=args.output),

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 import yaml
 
 from dinomaly.config import Config, apply_overrides, to_dict
+from dinomaly.config.paths import absolute_path, with_absolute_paths
 from dinomaly.data.manifest import load_manifest, select
 from dinomaly.data.storage import storage_uri
 from dinomaly.distributed.cluster import attaching_to_cluster, ensure_ray
@@ -36,6 +36,7 @@ from dinomaly.distributed.resources import (
 )
 from dinomaly.distributed.tracking import close_run, open_run, resolve_tracking_uri, run_logger
 from dinomaly.distributed.train.result import TrainResult
+from dinomaly.distributed.train.resume import check_resume, run_exists
 from dinomaly.results import write_metrics_json
 from dinomaly.tables import format_decision_table, per_class_table
 
@@ -43,7 +44,9 @@ logger = logging.getLogger(__name__)
 
 
 def prepare_config(config: Config) -> Config:
-    """(train() applies it.) Apply deterministic mode (manifest order, local reader, dropout 0) and pin the MLflow URI absolutely."""
+    """(train() applies it.) Apply deterministic mode (manifest order, local reader, dropout 0) and make the
+    MLflow URI and every local path absolute: workers and trials run in other folders."""
+    config = with_absolute_paths(config)
     overrides: dict[str, Any] = {"tracking.tracking_uri": resolve_tracking_uri(config.tracking)}
     if config.train.deterministic:
         overrides.update({"data.shuffle": False, "train.data_source": "local", "model.bottleneck_dropout": 0.0,
@@ -57,6 +60,7 @@ def check_before_start(config: Config, init_from: str = "", attaching: bool | No
 
     resume: also check the run's storage against --resume (check_resume); None skips that check.
     """
+    from dinomaly import preflight
     from dinomaly.data.storage import check_reachable, split_uri
 
     tc = config.train
@@ -76,12 +80,21 @@ def check_before_start(config: Config, init_from: str = "", attaching: bool | No
     if scheme:
         check_reachable(f"{scheme}://{path.split('/', 1)[0]}", config.data)  # the bucket; the prefix may be new
     else:
-        _check_writable(Path(path))
+        preflight.check_writable_folder(Path(path), "checkpoints", "set --storage-path / output_root to a "
+                                        "writable folder or an s3:// prefix")
+    if init_from and resume:
+        raise ValueError("--init-from starts a new run from weights and --resume continues a run from its "
+                         "checkpoint; drop one of them (or give a new --name to fine-tune)")
     if resume is not None:
         check_resume(config, resume)
-    if init_from and not Path(init_from).exists():
-        raise FileNotFoundError(f"--init-from {init_from} does not exist; give an official Dinomaly .pth or a "
-                                "checkpoint directory written by pipelines/train.py")
+    # what workers build and read, checked here in well under a second (no weights loaded)
+    if init_from:
+        preflight.check_weights_source(init_from)
+    else:  # --init-from brings the encoder's weights too
+        preflight.check_encoder_weights(config.model.encoder_weights)
+    preflight.check_model_builds(config.model)
+    if config.tracking.enabled:
+        preflight.check_tracking_store(resolve_tracking_uri(config.tracking))
     if config.data.root:
         check_reachable(config.data.root, config.data)
         check_data(config)
@@ -94,38 +107,6 @@ def check_data(config: Config) -> None:
 
     _, test_rows = load_tables(config)
     check_mask_sizes(test_rows, config.data)
-
-
-def _check_writable(folder: Path) -> None:
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise PermissionError(f"cannot write checkpoints under {folder} ({existing} is not a writable folder); "
-                              "set --storage-path / output_root to a writable folder or an s3:// prefix")
-
-
-def run_exists(config: Config) -> bool:
-    """True when Ray Train already has a run named config.name under output_root (it would resume it)."""
-    from dinomaly.data.storage import filesystem_for
-
-    filesystem, root = filesystem_for(config.output_root, config.data)
-    marker = f"{root.rstrip('/')}/{config.name}/checkpoint_manager_snapshot.json"
-    return filesystem.get_file_info(marker).type != pafs.FileType.NotFound
-
-
-def check_resume(config: Config, resume: bool) -> None:
-    """--resume needs an earlier run of this name; without it, an earlier run is an error, not a silent resume."""
-    if config.train.setting == "separate":
-        return  # per-class runs (<name>-<class>) resume by themselves when rerun
-    exists = run_exists(config)
-    where = f"{config.output_root}/{config.name}"
-    if resume and not exists:
-        raise FileNotFoundError(f"nothing to resume: no checkpointed run at {where}; check --name, --output and "
-                                "--storage-path")
-    if exists and not resume:
-        raise ValueError(f"a run named '{config.name}' already exists at {where}; pass --resume to continue it, "
-                         "or start a new run with --name <new name> or --output <new folder>")
 
 
 def load_tables(config: Config) -> tuple[pa.Table, pa.Table]:
@@ -196,9 +177,11 @@ def train(config: Config, *, init_from: str = "", batches: list | None = None, s
 
     batches: fixed global batches instead of config.data (then nothing is evaluated). output_dir: where the
     final checkpoint, config.yaml and metrics.json are written (None = nowhere). Applies prepare_config. Raises ResourcesUnavailable
-    (naming what holds them) when the workers' CPUs/GPUs never fit or stay taken for cluster.start_timeout_s.
+    (naming what holds them) when the workers' CPUs/GPUs never fit or stay taken for cluster.start_timeout_s,
+    and dinomaly.loop.TrainingDiverged (a ValueError) when the loss, gradient norm or weights went NaN/inf: the
+    workers stopped there, the MLflow run is FAILED, nothing was registered and no final outputs were written.
     """
-    config = prepare_config(config)
+    config, init_from = prepare_config(config), absolute_path(init_from)
     if config.train.setting == "separate" and batches is None:
         return _train_separate(config, init_from, on_progress, output_dir)
     return _train_one(config, init_from=init_from, batches=batches, stop_at_step=stop_at_step,
@@ -214,6 +197,7 @@ def _train_one(config: Config, *, init_from: str, batches: list | None, stop_at_
     from dinomaly.distributed.train.batches import ManifestBatches, RayDataBatches, TensorBatches
     from dinomaly.distributed.train.skeleton import build_trainer, worker_resources
     from dinomaly.distributed.train.worker import TrainJob, train_worker
+    from dinomaly.loop import TrainingDiverged
 
     datasets, test_rows, calibration_rows = None, None, None
     if batches is not None:
@@ -247,6 +231,8 @@ def _train_one(config: Config, *, init_from: str, batches: list | None, stop_at_
                 raise start_timeout_error(request, config.cluster.start_timeout_s) from err
             raise
         status = "FINISHED" if stop_at_step is None or stop_at_step >= config.train.total_steps else "KILLED"
+        if result.return_value.diverged:  # the workers stopped at it and reported nothing more
+            status = "FAILED"
     finally:
         if datasets is not None:
             data_errors = _data_errors(datasets["train"], config, run_id)
@@ -255,6 +241,10 @@ def _train_one(config: Config, *, init_from: str, batches: list | None, stop_at_
         if progress is not None:
             progress.shutdown(force=True)
     log, checkpoint = result.return_value, result.checkpoint
+    if log.diverged:
+        run_name = f"{config.name}: " if config.train.setting == "separate" else ""
+        raise TrainingDiverged(f"{run_name}{log.diverged} and train again under a new --name; nothing was registered"
+                               + (" and no final checkpoint or metrics.json written" if output_dir is not None else ""))
     written = Path(output_dir) if output_dir is not None and checkpoint is not None else None
     outcome = TrainResult(config=config, final_step=log.final_step, rows=log.rows, thresholds=log.thresholds,
                           checkpoint_uri=storage_uri(checkpoint.path if checkpoint else None, config.output_root),

@@ -33,7 +33,7 @@ from dinomaly.config import Config
 from dinomaly.distributed.cluster import storage_for
 from dinomaly.distributed.train.batches import ManifestBatches, RayDataBatches, TensorBatches
 from dinomaly.features import FeatureBatches, FeatureInput
-from dinomaly.loop import TrainState, seed_everything, train_steps
+from dinomaly.loop import TrainState, divergence, seed_everything, train_steps
 from dinomaly.model.dinomaly import Dinomaly
 
 logger = logging.getLogger(__name__)
@@ -91,6 +91,7 @@ class WorkerRun:
     state: TrainState
     end: int
     start_step: int = 0
+    stopped: bool = False  # set by a hook at a stop (on every rank alike): the loop ends there
 
     @property
     def model(self) -> Dinomaly:
@@ -123,7 +124,8 @@ class Hooks(Protocol):
     def next_stop(self, run: WorkerRun) -> int:
         """The next step (> run.state.step, <= run.end) after which at_stop runs."""
 
-    def at_stop(self, run: WorkerRun, chunk: Chunk) -> None: ...
+    def at_stop(self, run: WorkerRun, chunk: Chunk) -> None:
+        """Runs on every rank; setting run.stopped (alike on all ranks, e.g. agreed_divergence) ends the loop."""
 
     def finish(self, run: WorkerRun) -> Any:
         """The worker function's return value (Result.return_value is rank 0's)."""
@@ -162,7 +164,7 @@ def run_worker(job: WorkerJob, hooks: Hooks) -> Any:
         end = min(tc.total_steps, job.stop_at_step or tc.total_steps)
         run = WorkerRun(config, rank, world, device, start, runner, trained, state, end, start_step=state.step)
         hooks.start(run)
-        while run.state.step < run.end:
+        while run.state.step < run.end and not run.stopped:
             hooks.at_stop(run, _train_chunk(run, batches, hooks.next_stop(run)))
     finally:
         batches.close()  # ends its reads: a Ray Data pipeline shuts down once every worker has closed
@@ -295,21 +297,32 @@ def _train_chunk(run: WorkerRun, batches: _Timed, target: int) -> Chunk:
     started, waited = time.perf_counter(), batches.wait_s
     batches.waits.clear()
     records, run.state = train_steps(run.trained, itertools.islice(batches, target - run.state.step), run.config,
-                                     run.state)
+                                     run.state, check_finite=False)  # the hooks decide, at a stop every rank shares
     if run.state.step < target:
         raise ValueError(f"the batch source ran out at step {run.state.step} of {run.end}; give more batches or "
                          "lower train.total_steps")
-    return Chunk(global_losses(records, run.world), time.perf_counter() - started, batches.wait_s - waited,
-                 step_waits=list(batches.waits))
+    return Chunk(global_losses(records, run.world, run.device), time.perf_counter() - started,
+                 batches.wait_s - waited, step_waits=list(batches.waits))
 
 
-def global_losses(records: list[dict], world: int) -> list[dict]:
+def global_losses(records: list[dict], world: int, device: torch.device | None = None) -> list[dict]:
     """Per-rank loss = local batch mean; the global batch's loss is their mean (equal local batches)."""
     if world == 1 or not records:
         return records
-    losses = torch.tensor([r["loss"] for r in records], dtype=torch.float64)
+    losses = torch.tensor([r["loss"] for r in records], dtype=torch.float64, device=device)  # NCCL: on the GPU
     dist.all_reduce(losses)
-    return [dict(r, loss=float(v) / world) for r, v in zip(records, losses)]
+    return [dict(r, loss=float(v) / world) for r, v in zip(records, losses.tolist())]
+
+
+def agreed_divergence(run: WorkerRun, chunk: Chunk) -> dict | None:
+    """dinomaly.loop.divergence of this chunk and the weights, the same on every rank (a collective): a rank
+    that stopped alone would leave the others waiting in their next all-reduce."""
+    found = divergence(chunk.records, run.model.trainable_parameters())
+    if run.world == 1:
+        return found
+    gathered: list = [None] * run.world
+    dist.all_gather_object(gathered, found)
+    return min((f for f in gathered if f is not None), key=lambda f: f["step"], default=None)  # rank order on ties
 
 
 # --------------------------------------------------------------------------- driver

@@ -5,6 +5,9 @@ progress line). There every rank reports (a barrier); evaluation is split over t
 logs to MLflow, feeds the driver's progress queue and attaches the checkpoint (dinomaly.checkpoint.save
 output). At the last step rank 0 also logs the final artifacts and registers the model version; with
 train.keep_best it also keeps and registers the best-evaluated checkpoint (dinomaly.distributed.train.best).
+A stop whose steps or weights went non-finite ends the run there, on every rank, before any of that: the
+workers return normally (raising would make Ray Train restart the run from its latest checkpoint, to diverge
+again) and rank 0's WorkerLog says why, for the driver to fail the run.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from dinomaly.distributed.tracking import NullRunLogger, git_commit, run_logger
 from dinomaly.distributed.train.best import BEST_FOLDER, BestCheckpoint, BestKeeper, best_version_tags
 from dinomaly.distributed.train.best import METADATA_KEY as BEST_KEY
 from dinomaly.distributed.train.evaluation import Evaluation, evaluate_distributed, heatmap_grid
-from dinomaly.distributed.train.skeleton import Chunk, WorkerJob, WorkerRun, run_worker
+from dinomaly.distributed.train.skeleton import Chunk, WorkerJob, WorkerRun, agreed_divergence, run_worker
+from dinomaly.loop import diverged_message
 from dinomaly.model.dinomaly import Dinomaly
 from dinomaly.results import json_safe
 
@@ -69,6 +73,7 @@ class WorkerLog:
     worker_start_time: float = 0.0
     first_step_time: float | None = None
     best: dict | None = None  # train.keep_best: the best evaluation (BestCheckpoint fields)
+    diverged: str | None = None  # why the run stopped early: its loss, gradient norm or weights went non-finite
 
 
 def data_wait(log: WorkerLog | None) -> dict | None:
@@ -120,6 +125,10 @@ class TrainingHooks:
         return next_boundary(run.state.step, run.end, run.config, first=run.state.step == run.start_step)
 
     def at_stop(self, run: WorkerRun, chunk: Chunk) -> None:
+        found = agreed_divergence(run, chunk)
+        if found is not None:  # nothing of a diverged model is evaluated, checkpointed, logged or registered
+            self.log.diverged, run.stopped = diverged_message(found), True
+            return
         job, tc, step = self.job, run.config.train, run.state.step
         records = chunk.records
         self.log.records += records

@@ -26,6 +26,7 @@ import pyarrow.fs as pafs
 
 from dinomaly.checkpoint import METADATA_FILE
 from dinomaly.config import Config
+from dinomaly.config.paths import with_absolute_paths
 from dinomaly.distributed.cluster import storage_for
 from dinomaly.distributed.resources import Request, amounts, check_resources
 from dinomaly.distributed.train.run import load_tables
@@ -91,7 +92,7 @@ def ensure_feature_cache(config: Config, train_rows: pa.Table, eval_rows: pa.Tab
     from dinomaly.features import build_feature_cache
 
     rows = pa.concat_tables([train_rows, eval_rows]) if objective == "holdout_loss" else train_rows
-    root = config.tune.cache_root or f"{config.output_root.rstrip('/')}/feature_cache"
+    root = cache_root(config)
     device = "cuda" if config.train.use_gpu else "cpu"
     needs = {"CPU": config.train.cpus_per_worker or 1.0, "GPU": 1.0 if config.train.use_gpu else 0.0}
     check_resources(Request(what=f"the feature cache of sweep '{config.name}'", bundles=(needs,),
@@ -99,6 +100,26 @@ def ensure_feature_cache(config: Config, train_rows: pa.Table, eval_rows: pa.Tab
                             "tune.feature_cache=false"), config.cluster.start_timeout_s)
     task = ray.remote(num_cpus=needs["CPU"], num_gpus=needs["GPU"])(build_feature_cache)
     return ray.get(task.remote(rows, config, root, config.eval.batch_size, device))
+
+
+def cache_root(config: Config) -> str:
+    """Where the feature caches go: tune.cache_root, else <output_root>/feature_cache."""
+    return config.tune.cache_root or f"{config.output_root.rstrip('/')}/feature_cache"
+
+
+def check_cache_root(config: Config) -> None:
+    """The feature-cache folder can be written (a file there fails the cache task inside Ray otherwise)."""
+    from dinomaly.data.storage import check_reachable, split_uri
+    from dinomaly.preflight import check_writable_folder
+
+    if not config.tune.feature_cache:
+        return
+    scheme, path = split_uri(cache_root(config))
+    if scheme:
+        check_reachable(f"{scheme}://{path.split('/', 1)[0]}", config.data)
+        return
+    check_writable_folder(Path(path), "the feature cache", "set tune.cache_root to a folder (or an s3:// prefix), "
+                          "or tune.feature_cache=false")
 
 
 # --------------------------------------------------------------------------- running
@@ -206,6 +227,7 @@ def run_sweep(config: Config, *, resume: bool = False, output_dir: str | Path | 
     """
     from ray import tune
 
+    config = with_absolute_paths(config)  # trials run in their own folders
     check_search_space(config)
     path = check_sweep_name(config, resume)
     storage_path, filesystem = storage_for(path, config.data)
