@@ -21,6 +21,7 @@ from typing import Any
 import dinomaly.distributed  # noqa: F401 - sets Ray's loopback environment before Ray is imported
 from dinomaly.config import Config, apply_overrides, load_config
 from dinomaly.config.cli import entry_parser, start_logging
+from dinomaly.config.paths import with_absolute_paths
 from dinomaly.distributed.batch.scoring import refuse_model_changes
 from dinomaly.distributed.cluster import attaching_to_cluster
 from dinomaly.distributed.entry import run_job
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     def check() -> tuple[Config, serving.ModelInfo]:
         # the model's own model.* serve it: a --set model.* is only checked against them
         settings = [s for s in args.set if not s.strip().startswith("model.")]
-        config = apply_overrides(load_config(args.config, settings), overrides)
+        config = with_absolute_paths(apply_overrides(load_config(args.config, settings), overrides))
         if starts_local_ray():  # on a running cluster, Serve already holds the port: a redeploy replaces the app
             check_port_free(config.serve.host, config.serve.port)
         info = serving.check_model(args.model, config)  # a bad model or token set-up fails before Ray
