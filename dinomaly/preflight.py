@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import logging
-import os
 from pathlib import Path
 
 from dinomaly.config import DinomalyConfig
@@ -107,11 +106,11 @@ def _tensor_names(path: Path) -> list[str]:
 
 def check_writable_folder(folder: Path, what: str, fix: str) -> None:
     """folder is a writable folder, or the nearest part of it that exists is (the rest is created later)."""
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise PermissionError(f"cannot write {what} under {folder} ({existing} is not a writable folder); {fix}")
+    from dinomaly.data.storage import unwritable_part
+
+    blocking = unwritable_part(folder)
+    if blocking is not None:
+        raise PermissionError(f"cannot write {what} under {folder} ({blocking} is not a writable folder); {fix}")
 
 
 def check_tracking_store(tracking_uri: str) -> None:

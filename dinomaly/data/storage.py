@@ -215,16 +215,23 @@ def upload_tree(local_root: str | os.PathLike, dest_uri: str,
     return count
 
 
+def unwritable_part(folder: Path) -> Path | None:
+    """The nearest existing part of local `folder` when it is not a writable folder (the rest of `folder` would
+    be created under it), else None."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    return None if existing.is_dir() and os.access(existing, os.W_OK) else existing
+
+
 def check_output_writable(output: str, data_config: DataConfig | StorageOptions | None = None) -> None:
     """Fail before any cluster work when the folder or prefix `output` cannot be written. An object-store prefix
     gets a probe object, written and deleted: reachable, readable credentials may still lack write permission."""
     scheme, path = split_uri(output)
     if not scheme:
-        existing = Path(path)
-        while not existing.exists():
-            existing = existing.parent
-        if not existing.is_dir() or not os.access(existing, os.W_OK):
-            raise PermissionError(f"cannot write --output {path}: {existing} is not a writable folder; "
+        blocking = unwritable_part(Path(path))
+        if blocking is not None:
+            raise PermissionError(f"cannot write --output {path}: {blocking} is not a writable folder; "
                                   "choose another --output")
         return
     check_reachable(f"{scheme}://{path.split('/', 1)[0]}", data_config)  # the bucket; the prefix may be new

@@ -50,6 +50,7 @@ from dinomaly.distributed.train.skeleton import (
 )
 from dinomaly.distributed.tune.space import SearchSpace
 from dinomaly.features import FeatureBatches, FeatureCache
+from dinomaly.loop import divergence
 from dinomaly.loss import hard_mining_cosine_loss
 from dinomaly.model.dinomaly import Dinomaly
 from dinomaly.results import json_safe
@@ -173,10 +174,10 @@ class TrialJob(WorkerJob):
 def check_divergence(records: list[dict], max_loss: float) -> None:
     """TrialDiverged at the first step whose loss or gradient norm is not finite, or loss > max_loss (> 0)."""
     for record in records:
-        loss, grad_norm = record["loss"], record["grad_norm"]
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            raise TrialDiverged(f"diverged at step {record['step']}: loss {loss}, gradient norm {grad_norm} "
-                                "(lower train.lr or narrow its search range)")
+        loss = record["loss"]
+        if divergence([record]):  # the non-finite rule of plain training runs
+            raise TrialDiverged(f"diverged at step {record['step']}: loss {loss}, gradient norm "
+                                f"{record['grad_norm']} (lower train.lr or narrow its search range)")
         if max_loss and loss > max_loss:
             raise TrialDiverged(f"diverged at step {record['step']}: loss {loss:.4g} > tune.max_loss={max_loss}")
 
